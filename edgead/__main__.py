@@ -1,0 +1,3 @@
+from edgead.cli import main
+
+main()

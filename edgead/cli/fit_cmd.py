@@ -1,0 +1,2 @@
+"""Placeholder: commands are added by their owners."""
+COMMANDS = ()

@@ -1,0 +1,1 @@
+"""Bundle -> ONNX (and TensorRT engine) exporters. Imported as ``edgead.exporters``."""
