@@ -1,0 +1,116 @@
+"""Bundle -> one ONNX graph: uint8 frames ``[N, H, W, 3]`` -> ``anomaly_map [N, 1, H, W]``, ``score [N]``.
+
+The front end (normalisation, truncated backbone, fused gather/upsample/concat) is the very
+``FrameEmbedding`` module used by fit, traced by ``torch.onnx.export``; the head is appended as
+hand-written standard ops (``onnx_head``). The model.json dict plus export settings go to
+``metadata_props["edgead"]`` so a runtime needs only the .onnx file.
+"""
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from edgead import atomic
+from edgead.errors import ExportError
+from edgead.exporters import onnx_head
+
+OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_MAP = "anomaly_map"
+OUTPUT_SCORE = "score"
+
+
+def parse_batch(batch):
+    """``1`` / ``N`` (int or digit string) or ``"dynamic"`` -> int or ``"dynamic"``."""
+    if isinstance(batch, str) and batch.strip().lower() == "dynamic":
+        return "dynamic"
+    try:
+        value = int(batch)
+    except (TypeError, ValueError):
+        raise ExportError("--batch must be a positive integer or 'dynamic', not {!r}".format(batch))
+    if value < 1:
+        raise ExportError("--batch must be >= 1, got {}".format(value))
+    return value
+
+
+def _export_front_end(frame_embedding, input_hw, batch):
+    """torch.onnx.export of FrameEmbedding -> onnx.ModelProto with input ``image``, output ``embedding``."""
+    height, width = input_hw
+    dummy = torch.zeros((1 if batch == "dynamic" else batch, height, width, 3), dtype=torch.uint8)
+    dynamic_axes = {INPUT_NAME: {0: "N"}, "embedding": {0: "N"}} if batch == "dynamic" else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            frame_embedding, (dummy,), buffer, input_names=[INPUT_NAME], output_names=["embedding"],
+            opset_version=OPSET, dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1):
+    """Build the full ModelProto for ``bundle`` (a PadimBundle). Does not write anything."""
+    batch = parse_batch(batch)
+    cfg = bundle.config
+    height, width = bundle.input_hw
+    with torch.no_grad():
+        model = _export_front_end(bundle.frame_embedding(), (height, width), batch)
+    nodes, initializers = onnx_head.build_head(
+        "embedding", cfg, bundle.mean.numpy(), bundle.whitening_packed.numpy(), mahalanobis, precision,
+        OUTPUT_MAP, OUTPUT_SCORE,
+    )
+    graph = model.graph
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    del graph.output[:]
+    n_dim = "N" if batch == "dynamic" else batch
+    graph.output.extend([
+        helper.make_tensor_value_info(OUTPUT_MAP, TensorProto.FLOAT, [n_dim, 1, height, width]),
+        helper.make_tensor_value_info(OUTPUT_SCORE, TensorProto.FLOAT, [n_dim]),
+    ])
+    graph.name = "edgead_padim_{}".format(cfg["backbone"]["name"])
+    if mahalanobis == "plugin":
+        model.opset_import.append(helper.make_opsetid(onnx_head.PLUGIN_DOMAIN, 1))
+    meta = dict(cfg)
+    meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET}
+    del model.metadata_props[:]
+    helper.set_model_props(model, {"edgead": json.dumps(meta)})
+    model.producer_name = "edgead"
+    model.doc_string = "edgead PaDiM ({}, {}x{}): uint8 RGB [N,H,W,3] -> anomaly_map, score".format(
+        cfg["backbone"]["name"], height, width)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError("generated ONNX graph fails onnx.checker: {}".format(str(exc).splitlines()[0]))
+    return model
+
+
+def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1):
+    """Build and write ``out_path`` atomically. Returns the ModelProto."""
+    model = build_onnx(bundle, mahalanobis, precision, batch)
+    atomic.write_bytes(os.fspath(out_path), model.SerializeToString())
+    return model
+
+
+def read_metadata(model):
+    """The ``edgead`` metadata dict of an onnx.ModelProto."""
+    for prop in model.metadata_props:
+        if prop.key == "edgead":
+            return json.loads(prop.value)
+    raise ExportError("model has no 'edgead' metadata_props entry")
+
+
+def graph_op_types(model):
+    """Sorted list of (domain, op_type) pairs used by the graph."""
+    return sorted({(node.domain or "", node.op_type) for node in model.graph.node})
+
+
+def initializer_bytes(model):
+    """Total bytes of all initializers (what dominates the file size)."""
+    return int(sum(np.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                   for t in model.graph.initializer))

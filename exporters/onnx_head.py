@@ -1,0 +1,115 @@
+"""The PaDiM head as ONNX nodes: embedding ``[N, D, h, w]`` -> ``anomaly_map [N, 1, H, W]``, ``score [N]``.
+
+Mirrors ``edgead.model.PadimHead`` op for op, with only TensorRT-parser-friendly standard ops
+(see ``edgead.exporters.trt_ops``). The Mahalanobis step comes in two flavours:
+
+- ``onnx``: standard ops. The file stores the *packed* whitening ``[P, T]`` (fp16 or fp32); a
+  Cast/Concat/Gather chain on initializers rebuilds the dense transposed ``Wᵀ [P, D, D]``, which
+  ONNX Runtime and TensorRT constant-fold once at load, so the file stays small and inference runs a
+  plain batched MatMul.
+- ``plugin``: one ``edgead::PadimMahalanobis`` node (our CUDA kernel in TensorRT) taking
+  ``(embedding [N, D, P], mean [P, D], whitening_packed [P, T])`` -> ``distance [N, P]``.
+"""
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from edgead import blur, packing
+
+PLUGIN_DOMAIN = "edgead"
+PLUGIN_OP = "PadimMahalanobis"
+PLUGIN_VERSION = "1"
+
+
+class _GraphBuilder:
+    """Collects nodes and initializers with unique, readable names."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.nodes = []
+        self.initializers = []
+
+    def const(self, name, array):
+        full = self.prefix + name
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), full))
+        return full
+
+    def node(self, op_type, inputs, name, domain=None, **attrs):
+        output = self.prefix + name
+        kwargs = {"domain": domain} if domain else {}
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **kwargs, **attrs))
+        return output
+
+
+def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, precision):
+    """Standard-op Mahalanobis. embedding_flat ``[N, D, P]`` -> distance name ``[N, P]``.
+
+    mean ``[P, D]`` float32, whitening_packed ``[P, T]`` float32 (numpy). Also used to replace the
+    plugin node when checking the plugin flavour on CPU.
+    """
+    num_patches, dim = mean.shape
+    store_dtype = np.float16 if precision == "fp16" else np.float32
+    packed = builder.const("whitening_packed", whitening_packed.astype(store_dtype))
+    if precision == "fp16":
+        packed = builder.node("Cast", [packed], "whitening_packed_f32", to=TensorProto.FLOAT)
+    zero_column = builder.const("zero_column", np.zeros((num_patches, 1), np.float32))
+    padded = builder.node("Concat", [packed, zero_column], "whitening_padded", axis=1)
+    index_t = builder.const("dense_index_t", packing.dense_gather_index(dim, transpose=True))
+    whitening_t = builder.node("Gather", [padded, index_t], "whitening_t", axis=1)  # [P, D, D] = Wᵀ
+    by_patch = builder.node("Transpose", [embedding_flat], "embedding_by_patch", perm=[2, 0, 1])  # [P, N, D]
+    mean_name = builder.const("mean", mean.astype(np.float32).reshape(num_patches, 1, dim))
+    centred = builder.node("Sub", [by_patch, mean_name], "centred")
+    projected = builder.node("MatMul", [centred, whitening_t], "projected")  # [P, N, D]
+    squared = builder.node("ReduceSumSquare", [projected], "squared_distance", axes=[2], keepdims=0)  # [P, N]
+    distance = builder.node("Sqrt", [squared], "distance_by_patch")
+    return builder.node("Transpose", [distance], "distance", perm=[1, 0])  # [N, P]
+
+
+def mahalanobis_plugin(builder, embedding_flat, mean, whitening_packed, precision):
+    """One ``edgead::PadimMahalanobis`` node. Same inputs/outputs as ``mahalanobis_standard_ops``."""
+    num_patches, dim = mean.shape
+    store_dtype = np.float16 if precision == "fp16" else np.float32
+    mean_name = builder.const("mean", mean.astype(np.float32))
+    packed = builder.const("whitening_packed", whitening_packed.astype(store_dtype))
+    return builder.node(
+        PLUGIN_OP, [embedding_flat, mean_name, packed], "distance", domain=PLUGIN_DOMAIN,
+        plugin_version=PLUGIN_VERSION, plugin_namespace="", dim=int(dim), num_patches=int(num_patches),
+    )
+
+
+def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", precision="fp16",
+               map_name="anomaly_map", score_name="score"):
+    """Nodes + initializers from ``embedding`` (name of ``[N, D, h, w]``) to the two graph outputs.
+
+    Returns ``(nodes, initializers)``; the output tensors are named ``map_name`` and ``score_name``.
+    """
+    if mahalanobis not in ("onnx", "plugin"):
+        raise ValueError("mahalanobis must be 'onnx' or 'plugin', not {!r}".format(mahalanobis))
+    if precision not in ("fp32", "fp16"):
+        raise ValueError("precision must be 'fp32' or 'fp16', not {!r}".format(precision))
+    builder = _GraphBuilder("head/")
+    grid_h, grid_w = config["embedding"]["grid"]
+    height, width = config["input"]["height"], config["input"]["width"]
+    dim = mean.shape[1]
+    sigma = config["postprocess"]["blur_sigma"]
+    radius = blur.blur_radius(sigma)
+
+    flat = builder.node("Reshape", [embedding, builder.const("flat_shape", np.array([0, dim, grid_h * grid_w], np.int64))],
+                        "embedding_flat")
+    make = mahalanobis_plugin if mahalanobis == "plugin" else mahalanobis_standard_ops
+    distance = make(builder, flat, mean, whitening_packed, precision)
+    grid_map = builder.node("Reshape", [distance, builder.const("grid_shape", np.array([0, 1, grid_h, grid_w], np.int64))],
+                            "distance_map")
+    scales = builder.const("resize_scales", np.array([1.0, 1.0, height / grid_h, width / grid_w], np.float32))
+    upsampled = builder.node("Resize", [grid_map, "", scales], "upsampled", mode="linear",
+                             coordinate_transformation_mode="half_pixel")
+    taps = blur.gaussian_kernel1d(sigma, radius).astype(np.float32)
+    padded_x = builder.node("Gather", [upsampled, builder.const("pad_x", blur.reflect_pad_index(width, radius))],
+                            "padded_x", axis=3)
+    blurred_x = builder.node("Conv", [padded_x, builder.const("taps_x", taps.reshape(1, 1, 1, -1))], "blurred_x")
+    padded_y = builder.node("Gather", [blurred_x, builder.const("pad_y", blur.reflect_pad_index(height, radius))],
+                            "padded_y", axis=2)
+    builder.nodes.append(helper.make_node("Conv", [padded_y, builder.const("taps_y", taps.reshape(1, 1, -1, 1))],
+                                          [map_name], name="head/blurred_y"))
+    builder.nodes.append(helper.make_node("ReduceMax", [map_name], [score_name], name="head/score",
+                                          axes=[1, 2, 3], keepdims=0))
+    return builder.nodes, builder.initializers
