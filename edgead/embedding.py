@@ -33,7 +33,8 @@ class Preprocess(nn.Module):
         self.register_buffer("shift", -mean / std, persistent=False)
 
     def forward(self, frames):
-        return frames.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
+        # Cast first: TensorRT accepts a uint8 network input only when it feeds a Cast directly.
+        return frames.to(torch.float32).permute(0, 3, 1, 2) * self.scale + self.shift
 
 
 class PatchEmbedding(nn.Module):

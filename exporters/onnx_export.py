@@ -38,10 +38,11 @@ def parse_batch(batch):
     return value
 
 
-def _export_front_end(frame_embedding, input_hw, batch):
+def _export_front_end(frame_embedding, input_hw, batch, input_dtype):
     """torch.onnx.export of FrameEmbedding -> onnx.ModelProto with input ``image``, output ``embedding``."""
     height, width = input_hw
-    dummy = torch.zeros((1 if batch == "dynamic" else batch, height, width, 3), dtype=torch.uint8)
+    dtype = {"uint8": torch.uint8, "float32": torch.float32}[input_dtype]
+    dummy = torch.zeros((1 if batch == "dynamic" else batch, height, width, 3), dtype=dtype)
     dynamic_axes = {INPUT_NAME: {0: "N"}, "embedding": {0: "N"}} if batch == "dynamic" else None
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -53,13 +54,20 @@ def _export_front_end(frame_embedding, input_hw, batch):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1):
-    """Build the full ModelProto for ``bundle`` (a PadimBundle). Does not write anything."""
+def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8"):
+    """Build the full ModelProto for ``bundle`` (a PadimBundle). Does not write anything.
+
+    mahalanobis: ``onnx`` | ``plugin``; precision: ``fp16`` | ``fp32`` storage of the whitening (the
+    mean stays fp32); batch: ``1``, ``N`` or ``"dynamic"``; input_dtype: ``uint8`` (default) or
+    ``float32`` (pixel values 0..255, for TensorRT 8.5 which has no uint8 inputs).
+    """
     batch = parse_batch(batch)
+    if input_dtype not in ("uint8", "float32"):
+        raise ExportError("input dtype must be uint8 or float32, not {!r}".format(input_dtype))
     cfg = bundle.config
     height, width = bundle.input_hw
     with torch.no_grad():
-        model = _export_front_end(bundle.frame_embedding(), (height, width), batch)
+        model = _export_front_end(bundle.frame_embedding(), (height, width), batch, input_dtype)
     nodes, initializers = onnx_head.build_head(
         "embedding", cfg, bundle.mean.numpy(), bundle.whitening_packed.numpy(), mahalanobis, precision,
         OUTPUT_MAP, OUTPUT_SCORE,
@@ -77,7 +85,8 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1):
     if mahalanobis == "plugin":
         model.opset_import.append(helper.make_opsetid(onnx_head.PLUGIN_DOMAIN, 1))
     meta = dict(cfg)
-    meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET}
+    meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET,
+                      "input_dtype": input_dtype}
     del model.metadata_props[:]
     helper.set_model_props(model, {"edgead": json.dumps(meta)})
     model.producer_name = "edgead"
@@ -90,9 +99,9 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1):
     return model
 
 
-def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1):
+def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8"):
     """Build and write ``out_path`` atomically. Returns the ModelProto."""
-    model = build_onnx(bundle, mahalanobis, precision, batch)
+    model = build_onnx(bundle, mahalanobis, precision, batch, input_dtype)
     atomic.write_bytes(os.fspath(out_path), model.SerializeToString())
     return model
 

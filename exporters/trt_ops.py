@@ -1,0 +1,64 @@
+"""The ONNX ops our graphs may use: every one is supported by the TensorRT ONNX parser from 8.5 on.
+
+Source: onnx-tensorrt ``docs/operators.md`` (TensorRT 8.4/8.5/8.6/10.x support matrices). Only the
+subset edgead can emit (from timm backbones + our head) is listed, with the restrictions we rely on.
+``check_graph`` keeps exported graphs inside this list (a test runs it on every flavour).
+
+Notes for TensorRT:
+- ``uint8`` network inputs need TensorRT >= 8.6 and must feed a ``Cast`` directly (our graph starts
+  with Cast). For TensorRT 8.5 (JetPack 5.0/5.1) export with ``--input-dtype float32``.
+- ``Conv`` weights must be initializers; ``Resize`` uses ``linear``/``nearest`` with ``half_pixel`` or
+  ``asymmetric`` coordinates; ``Gather`` indices are int64 initializers (cast down to int32 by the parser).
+- ``edgead::PadimMahalanobis`` is not an ONNX op: the parser maps it to our plugin by op_type once
+  ``libedgead_plugins.so`` is loaded.
+"""
+
+TENSORRT_OPS = {
+    # op: restriction we rely on (None = none)
+    "Add": None, "Sub": None, "Mul": None, "Div": None, "Sqrt": None, "Relu": None, "Clip": None,
+    "HardSigmoid": None, "HardSwish": "TensorRT >= 8.5 (opset 14)", "Sigmoid": None,
+    "BatchNormalization": None, "Cast": "TensorRT types only", "Concat": None, "Constant": None,
+    "Conv": "2-D, weights are initializers", "MaxPool": "2-D, no Indices output",
+    "AveragePool": "2-D", "GlobalAveragePool": None, "Gather": "indices are initializers",
+    "Identity": None, "MatMul": None, "Gemm": None, "Flatten": None, "Reshape": None,
+    "Transpose": None, "Squeeze": "axes are constants", "Unsqueeze": "axes are constants",
+    "Shape": None, "Slice": "axes are initializers", "Pad": "constant mode",
+    "Resize": "modes linear/nearest, half_pixel or asymmetric coordinates",
+    "ReduceMax": None, "ReduceMean": None, "ReduceSum": None, "ReduceSumSquare": None,
+}
+
+PLUGIN_OPS = {("edgead", "PadimMahalanobis")}
+RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "asymmetric", "align_corners"}
+
+
+def check_graph(model):
+    """List of human-readable problems that would stop the TensorRT ONNX parser (empty = fine)."""
+    from onnx import TensorProto
+
+    problems = []
+    initializers = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx"):
+            if (domain, node.op_type) not in PLUGIN_OPS:
+                problems.append("{}: custom op {}::{} has no TensorRT plugin".format(node.name, domain, node.op_type))
+            continue
+        if node.op_type not in TENSORRT_OPS:
+            problems.append("{}: op {} is not in the TensorRT-supported list".format(node.name, node.op_type))
+        if node.op_type == "Conv" and node.input[1] not in initializers:
+            problems.append("{}: Conv weights must be an initializer".format(node.name))
+        if node.op_type == "Resize":
+            attrs = {a.name: a for a in node.attribute}
+            mode = attrs["coordinate_transformation_mode"].s.decode() if "coordinate_transformation_mode" in attrs else "half_pixel"
+            if mode not in RESIZE_COORDINATE_MODES:
+                problems.append("{}: Resize coordinate mode {} unsupported".format(node.name, mode))
+        if node.op_type == "Pad":
+            attrs = {a.name: a for a in node.attribute}
+            if "mode" in attrs and attrs["mode"].s.decode() != "constant":
+                problems.append("{}: only constant Pad is portable to TensorRT 8.5".format(node.name))
+    for graph_input in model.graph.input:
+        if graph_input.type.tensor_type.elem_type == TensorProto.UINT8:
+            consumers = [n for n in model.graph.node if graph_input.name in n.input]
+            if any(n.op_type != "Cast" for n in consumers):
+                problems.append("input {}: uint8 input must feed a Cast directly".format(graph_input.name))
+    return problems
