@@ -1,2 +1,121 @@
-"""Placeholder: commands are added by their owners."""
-COMMANDS = ()
+"""``edgead export`` (bundle -> ONNX) and ``edgead compare`` (torch vs ONNX Runtime vs TensorRT)."""
+import json
+import os
+
+import click
+
+from edgead.errors import DataError
+
+
+@click.command("export")
+@click.argument("bundle_dir", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output .onnx file (written atomically).")
+@click.option("--mahalanobis", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
+              help="onnx: standard ops (runs anywhere); plugin: one edgead::PadimMahalanobis node for TensorRT.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Storage of the packed whitening (the mean stays fp32).")
+@click.option("--batch", default="1", show_default=True, help="1, N, or dynamic.")
+@click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
+              help="float32 (0..255) for TensorRT 8.5, which has no uint8 inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, as_json):
+    """Export a bundle to one ONNX graph: uint8 [N,H,W,3] RGB -> anomaly_map [N,1,H,W], score [N].
+
+    \b
+    Example:
+      edgead export bottle.edgead -o bottle.onnx
+      edgead export bottle.edgead -o bottle_trt.onnx --mahalanobis plugin --batch dynamic
+    """
+    from edgead.bundle import load_bundle
+    from edgead.exporters import trt_ops
+    from edgead.exporters.onnx_export import export_onnx, graph_op_types
+
+    bundle = load_bundle(bundle_dir)
+    model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype)
+    summary = {
+        "onnx": out,
+        "bytes": os.path.getsize(out),
+        "ops": ["{}::{}".format(d, o) if d else o for d, o in graph_op_types(model)],
+        "tensorrt_problems": trt_ops.check_graph(model),
+        "mahalanobis": mahalanobis,
+        "precision": precision,
+        "batch": batch,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo("wrote {} ({:.1f} MB, {} flavour, {} whitening, batch {})".format(
+            out, summary["bytes"] / 1e6, mahalanobis, precision, batch))
+        for problem in summary["tensorrt_problems"]:
+            click.echo("warning: " + problem, err=True)
+
+
+@click.command("compare")
+@click.argument("bundle_dir", type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--images", type=click.Path(), default=None, help="Folder/glob of images (default: synthetic frames).")
+@click.option("--frames", "n_frames", type=int, default=4, show_default=True, help="Number of frames to compare.")
+@click.option("--providers", default="cpu", show_default=True, help="ONNX Runtime providers: cpu, cuda, tensorrt (comma-separated).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Fail (exit 1) when a map or score max_rel exceeds this vs the matching torch reference.")
+@click.option("--json", "as_json", is_flag=True)
+def compare_cmd(bundle_dir, models, images, n_frames, providers, tolerance, as_json):
+    """Run the same frames through torch and each MODEL (.onnx via ONNX Runtime, .engine via TensorRT)
+    and report max abs / rel error of maps and scores.
+
+    \b
+    Example:
+      edgead compare bottle.edgead bottle.onnx bottle.engine --images mvtec/bottle/test/broken_large
+    """
+    import numpy as np
+
+    from edgead.bundle import load_bundle
+    from edgead.data import ImageBatches, list_images
+    from edgead.exporters import compare as cmp
+
+    bundle = load_bundle(bundle_dir)
+    height, width = bundle.input_hw
+    if images:
+        paths = list_images(images)[:n_frames]
+        frames = np.concatenate([b for b, _ in ImageBatches(paths, (height, width), batch_size=8)])
+    else:
+        from edgead.runtime.sources import open_source
+
+        frames = _synthetic_frames(open_source, height, width, n_frames)
+    if len(frames) == 0:
+        raise DataError("no frames to compare")
+    options = {"providers": tuple(p.strip() for p in providers.split(","))}
+    rows = []
+    for path in models:
+        backend_options = options if path.endswith(".onnx") else {}
+        rows.extend(cmp.compare(bundle, [path], frames, {"backend": "auto", **backend_options}))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(cmp.format_table(rows))
+    matching = [r for r in rows if r["reference"] != "torch fp32" or not any(
+        o["model"] == r["model"] and o["reference"] == "torch fp16-stats" for o in rows)]
+    worst = max(max(r["map"]["max_rel"], r["score"]["max_rel"]) for r in matching)
+    if worst > tolerance:
+        click.echo("FAIL: max_rel {:.2e} > tolerance {:.0e}".format(worst, tolerance), err=True)
+        raise SystemExit(1)
+
+
+def _synthetic_frames(open_source, height, width, count):
+    import numpy as np
+
+    source = open_source("synthetic://?width={}&height={}&frames={}&defect=1".format(width, height, count))
+    frames = []
+    try:
+        for item in source:
+            frame = item[0] if isinstance(item, tuple) else getattr(item, "image", item)
+            frames.append(np.asarray(frame))
+            if len(frames) >= count:
+                break
+    finally:
+        close = getattr(source, "close", None)
+        if close:
+            close()
+    return np.stack(frames)
+
+
+COMMANDS = (export, compare_cmd)

@@ -1,2 +1,198 @@
-"""Placeholder: commands are added by their owners."""
-COMMANDS = ()
+"""``edgead fit``, ``edgead eval`` and ``edgead demo``: the workstation side."""
+import json
+import os
+import time
+
+import click
+
+from edgead.errors import ConfigError, DataError
+
+
+def _parse_size(value):
+    """``256`` or ``256x320`` -> (H, W)."""
+    try:
+        parts = [int(v) for v in str(value).lower().split("x")]
+    except ValueError:
+        raise ConfigError("--size must look like 256 or 256x320, not {!r}".format(value))
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 32:
+        raise ConfigError("--size must look like 256 or 256x320 (each side >= 32), not {!r}".format(value))
+    if parts[0] % 16 or parts[1] % 16:
+        raise ConfigError("--size {}: each side must be a multiple of 16 (the stride of the deepest stage)".format(value))
+    return tuple(parts)
+
+
+def _training_paths(data):
+    """Train images of an MVTec category (``train/good``) or of a plain folder / glob."""
+    from edgead.data import MvtecCategory, _is_category, list_images
+
+    if os.path.isdir(data) and _is_category(data):
+        category = MvtecCategory(data)
+        return category.train_images(), category
+    if os.path.isdir(data):
+        nested = sorted(d for d in os.listdir(data) if _is_category(os.path.join(data, d)))
+        if nested:
+            raise DataError("{}: holds MVTec categories ({}); fit one at a time, e.g. {}".format(
+                data, ", ".join(nested[:6]), os.path.join(data, nested[0])))
+    return list_images(data), None
+
+
+def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, train_threshold=True, val=None):
+    """Fit + optional calibration + save. Returns (bundle, summary dict)."""
+    from edgead.data import ImageBatches, MvtecCategory
+    from edgead.evaluate import evaluate_category, train_score_threshold
+    from edgead.fit import PadimFitter
+
+    paths, _ = _training_paths(data)
+    started = time.perf_counter()
+    fitter = PadimFitter(backbone, weights, size, dim, seed)
+    for frames, _ in ImageBatches(paths, size, batch_size=batch_size, desc="fit {}".format(os.path.basename(
+            os.path.normpath(data)))):
+        fitter.update(frames)
+    bundle = fitter.bundle()
+    fit_seconds = time.perf_counter() - started
+    calibration = {}
+    if train_threshold:
+        calibration.update(train_score_threshold(bundle, paths, batch_size))
+    if val:
+        result = evaluate_category(bundle, MvtecCategory(val), overlays=False, batch_size=batch_size)
+        calibration.update(result["calibration"])
+    if calibration:
+        calibration.setdefault("source", "train")
+        bundle.config["calibration"] = calibration
+    bundle.save(out)
+    summary = {"bundle": out, "n_train": len(paths), "fit_seconds": round(fit_seconds, 2),
+               "backbone": bundle.config["backbone"], "dim": bundle.config["embedding"]["dim"],
+               "calibration": bundle.config["calibration"]}
+    return bundle, summary
+
+
+@click.command("fit")
+@click.argument("data", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Bundle folder to write (model.json + weights.safetensors).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="resnet18, wide_resnet50_2, mobilenet_v1_025..100, mobilenetv2_100, mobilenetv3_large_100, efficientnet_lite0.")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet (offline: Lite0 package or local timm/torchvision cache), random, or a weights FILE.")
+@click.option("--size", default="256", show_default=True, help="Input size HxW (or one number), multiple of 16.")
+@click.option("--dim", type=int, default=None, help="Embedding dimension D (default: 100, 550 for wide_resnet50_2).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random channel subset.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--val", type=click.Path(), default=None, help="MVTec-layout category whose test/ split calibrates the thresholds.")
+@click.option("--train-threshold/--no-train-threshold", default=True, show_default=True, help="Score the training images to store a fallback threshold (99.5th percentile).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def fit(data, out, backbone, weights, size, dim, seed, batch_size, val, train_threshold, as_json):
+    """Fit PaDiM on good images (an MVTec category's train/good, or any image folder / glob).
+
+    \b
+    Example:
+      edgead fit mvtec/bottle -o bottle.edgead --backbone efficientnet_lite0 --size 256
+      edgead fit 'parts/good/*.png' -o parts.edgead --backbone resnet18 --weights resnet18.safetensors
+    """
+    _, summary = fit_bundle(data, out, backbone, weights, _parse_size(size), dim, seed, batch_size,
+                            train_threshold, val)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo("fitted {} on {} images in {:.1f} s (D = {}) -> {}".format(
+            summary["backbone"]["name"], summary["n_train"], summary["fit_seconds"], summary["dim"], out))
+
+
+@click.command("eval")
+@click.argument("bundle_dir", type=click.Path())
+@click.argument("data", type=click.Path())
+@click.option("--out", type=click.Path(), default=None, help="Folder for metrics.json and overlay PNGs.")
+@click.option("--overlays/--no-overlays", default=True, show_default=True)
+@click.option("--calibrate", is_flag=True, help="Store the F1-max thresholds from this set in the bundle.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
+    """Image AUROC, pixel AUROC, PRO (AUPRO to FPR 0.3) and F1-max on an MVTec-layout test set.
+
+    \b
+    Example:
+      edgead eval bottle.edgead mvtec/bottle --out eval_bottle
+    """
+    from edgead.bundle import load_bundle
+    from edgead.data import MvtecCategory, find_categories
+    from edgead.evaluate import evaluate_category, format_table, write_json
+
+    bundle = load_bundle(bundle_dir)
+    categories = find_categories(data)
+    if len(categories) != 1:
+        raise DataError("{}: eval takes one MVTec category (found {})".format(data, len(categories)))
+    category = MvtecCategory(categories[0])
+    if not category.has_test():
+        raise DataError("{}: no test/ folder to evaluate on".format(categories[0]))
+    result = evaluate_category(bundle, category, out, overlays and out is not None, batch_size)
+    if calibrate:
+        bundle.config["calibration"] = dict(bundle.config.get("calibration") or {}, **result["calibration"])
+        bundle.save(bundle_dir)
+    if out:
+        write_json(os.path.join(out, "metrics.json"), result)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table([result]))
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(), default="demo_out", show_default=True)
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True)
+@click.option("--size", default="256", show_default=True)
+@click.option("--categories", default=None, help="Comma-separated demo categories (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--export/--no-export", default=True, show_default=True, help="Also export the first category to ONNX and check it against torch.")
+@click.option("--quick", is_flag=True, help="A few images per category (smoke test, seconds).")
+def demo(out, backbone, weights, size, categories, seed, export, quick):
+    """The embedded default: build a small MVTec-layout dataset from scikit-image photos with synthetic
+    defects, fit PaDiM (EfficientNet-Lite0, offline ImageNet weights), evaluate, write overlays.
+
+    \b
+    Example:
+      edgead demo --out demo_out
+    """
+    from edgead import demo_data
+    from edgead.bundle import load_bundle
+    from edgead.data import MvtecCategory
+    from edgead.evaluate import evaluate_category, format_table, write_json
+
+    input_hw = _parse_size(size)
+    names = tuple(c.strip() for c in categories.split(",")) if categories else demo_data.DEFAULT_CATEGORIES
+    data_root = os.path.join(out, "data")
+    click.echo("building demo dataset in {} ...".format(data_root))
+    counts = dict(n_train=10, n_test_good=4, n_defect_per_type=2) if quick else {}
+    demo_data.build_demo_dataset(data_root, categories=names, seed=seed, size=max(input_hw), **counts)
+    results = []
+    for name in names:
+        category_dir = os.path.join(data_root, name)
+        bundle_dir = os.path.join(out, "models", name)
+        bundle, summary = fit_bundle(category_dir, bundle_dir, backbone, weights, input_hw, None, seed, 16,
+                                     train_threshold=False)
+        result = evaluate_category(bundle, MvtecCategory(category_dir), os.path.join(out, "eval", name),
+                                   overlays=True, max_overlays=12)
+        bundle.config["calibration"] = dict(result["calibration"], source="demo test split")
+        bundle.save(bundle_dir)
+        result["fit_seconds"] = summary["fit_seconds"]
+        results.append(result)
+        click.echo("{}: image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}".format(
+            name, result["image_auroc"], result["pixel_auroc"], result["pro"]))
+    click.echo("")
+    click.echo(format_table(results))
+    write_json(os.path.join(out, "metrics.json"), {"backbone": backbone, "input": list(input_hw), "results": results})
+    if export:
+        from edgead.exporters import compare as cmp
+        from edgead.exporters.onnx_export import export_onnx
+        from edgead.data import ImageBatches
+
+        name = names[0]
+        bundle = load_bundle(os.path.join(out, "models", name))
+        onnx_path = os.path.join(out, "models", name + ".onnx")
+        export_onnx(bundle, onnx_path, "onnx", "fp16", 1)
+        paths = [s.path for s in MvtecCategory(os.path.join(data_root, name)).test_samples()][:8]
+        frames = next(iter(ImageBatches(paths, input_hw, batch_size=8)))[0]
+        rows = cmp.compare(bundle, [onnx_path], frames)
+        click.echo("\nexported {} ({:.1f} MB); ONNX Runtime vs torch on {} test images:".format(
+            onnx_path, os.path.getsize(onnx_path) / 1e6, len(frames)))
+        click.echo(cmp.format_table(rows))
+    click.echo("\nmetrics: {}\noverlays: {}".format(os.path.join(out, "metrics.json"), os.path.join(out, "eval")))
+
+
+COMMANDS = (fit, evaluate, demo)

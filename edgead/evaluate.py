@@ -1,0 +1,114 @@
+"""Evaluation on MVTec-layout test sets: scores, maps, metrics, calibration and overlay pictures."""
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgead import atomic, metrics
+from edgead.data import ImageBatches, read_image, read_mask
+
+
+@torch.no_grad()
+def score_images(model, paths, input_hw, batch_size=8, desc=None, resize="area"):
+    """Run the torch PadimModel over ``paths``: (maps ``[N, H, W]`` float32, scores ``[N]`` float32)."""
+    maps, scores = [], []
+    for frames, _ in ImageBatches(paths, input_hw, batch_size=batch_size, resize=resize, desc=desc):
+        amap, score = model(torch.from_numpy(frames))
+        maps.append(amap[:, 0].numpy())
+        scores.append(score.numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def train_score_threshold(bundle, train_paths, batch_size=8, quantile=99.5):
+    """Fallback image threshold: the ``quantile`` percentile of the training images' own scores."""
+    _, scores = score_images(bundle.model(), train_paths, bundle.input_hw, batch_size, desc="train scores",
+                             resize=bundle.config["input"].get("resize", "area"))
+    return {"train_p995": float(np.percentile(scores, quantile)), "train_score_max": float(scores.max())}
+
+
+def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=8, max_overlays=None):
+    """Score ``category`` (an ``MvtecCategory``) with ``bundle``.
+
+    Returns a dict: ``category``, ``n_good``, ``n_defect``, ``image_auroc``, ``pixel_auroc``, ``pro``
+    (AUPRO up to FPR 0.3), ``image_f1_max``, and ``calibration`` (thresholds from this set).
+    Writes ``out_dir/overlays/<defect>/<name>.png`` heatmap overlays when ``overlays``.
+    """
+    samples = category.test_samples()
+    input_hw = bundle.input_hw
+    resize = bundle.config["input"].get("resize", "area")
+    name = os.path.basename(os.path.normpath(category.root))
+    maps, scores = score_images(bundle.model(), [s.path for s in samples], input_hw, batch_size,
+                                desc="eval {}".format(name), resize=resize)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    masks = np.stack([
+        read_mask(s.mask_path, input_hw) if s.mask_path else np.zeros(input_hw, bool) for s in samples
+    ])
+    result = {
+        "category": name,
+        "n_good": int((labels == 0).sum()),
+        "n_defect": int((labels == 1).sum()),
+        "image_auroc": metrics.image_auroc(labels, scores),
+        "pixel_auroc": metrics.pixel_auroc(masks, maps) if masks.any() else float("nan"),
+        "pro": metrics.pro_auc(masks, maps, fpr_limit=0.3) if masks.any() else float("nan"),
+    }
+    result["image_f1_max"], _ = metrics.f1_max_threshold(labels, scores)
+    calibration = metrics.calibrate(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
+    result["calibration"] = calibration
+    if overlays and out_dir:
+        write_overlays(samples, maps, scores, calibration, input_hw, os.path.join(out_dir, "overlays"),
+                       resize, max_overlays)
+    return result
+
+
+def write_overlays(samples, maps, scores, calibration, input_hw, folder, resize="area", limit=None):
+    """Heatmap + boxes + score for each sample, as PNG under ``folder/<defect>/<name>.png``."""
+    import cv2
+
+    from edgead.runtime.overlay import annotate
+
+    vmin, vmax = calibration.get("score_min"), calibration.get("score_max")
+    pixel_threshold = calibration.get("pixel_threshold") or calibration.get("image_threshold")
+    chosen = range(len(samples)) if limit is None else _spread(samples, limit)
+    for i in tqdm(list(chosen), desc="overlays", leave=False):
+        sample = samples[i]
+        image = read_image(sample.path, input_hw, resize)
+        picture = annotate(image, maps[i], float(scores[i]), pixel_threshold, vmin, vmax)
+        if sample.mask_path:
+            mask = read_mask(sample.mask_path, input_hw).astype(np.uint8)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(picture, contours, -1, (0, 255, 0), 1)  # ground truth in green
+        path = os.path.join(folder, sample.defect_type, os.path.splitext(os.path.basename(sample.path))[0] + ".png")
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        atomic.write_bytes(path, encoded.tobytes())
+
+
+def _spread(samples, limit):
+    """Up to ``limit`` sample indices, spread over the defect types."""
+    by_type = {}
+    for i, s in enumerate(samples):
+        by_type.setdefault(s.defect_type, []).append(i)
+    per_type = max(1, limit // max(1, len(by_type)))
+    return [i for idx in by_type.values() for i in idx[:per_type]]
+
+
+def format_table(results):
+    """Plain-text metrics table (one row per category + mean)."""
+    header = "{:<16} {:>6} {:>6} {:>11} {:>11} {:>8} {:>8}".format(
+        "category", "good", "defect", "image AUROC", "pixel AUROC", "PRO@0.3", "F1-max")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append("{:<16} {:>6} {:>6} {:>11.3f} {:>11.3f} {:>8.3f} {:>8.3f}".format(
+            r["category"][:16], r["n_good"], r["n_defect"], r["image_auroc"], r["pixel_auroc"], r["pro"],
+            r["image_f1_max"]))
+    if len(results) > 1:
+        mean = {k: float(np.nanmean([r[k] for r in results])) for k in ("image_auroc", "pixel_auroc", "pro", "image_f1_max")}
+        lines.append("{:<16} {:>6} {:>6} {:>11.3f} {:>11.3f} {:>8.3f} {:>8.3f}".format(
+            "mean", "", "", mean["image_auroc"], mean["pixel_auroc"], mean["pro"], mean["image_f1_max"]))
+    return "\n".join(lines)
+
+
+def write_json(path, payload):
+    """Atomically write ``payload`` as pretty JSON."""
+    atomic.write_text(path, json.dumps(payload, indent=2, default=float) + "\n")

@@ -1,0 +1,123 @@
+"""CLI: fit / eval / export / compare / demo end to end on tiny data, and one-line errors (exit 2)."""
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgead.cli import cli
+
+from conftest import random_frames
+
+
+def _write_category(root, n_train=8, n_good=3, n_bad=3):
+    frames = random_frames(n_train + n_good + n_bad, seed=2)
+    os.makedirs(os.path.join(root, "train", "good"))
+    os.makedirs(os.path.join(root, "test", "good"))
+    os.makedirs(os.path.join(root, "test", "spot"))
+    os.makedirs(os.path.join(root, "ground_truth", "spot"))
+    for i in range(n_train):
+        cv2.imwrite(os.path.join(root, "train", "good", "%03d.png" % i), frames[i][:, :, ::-1])
+    for i in range(n_good):
+        cv2.imwrite(os.path.join(root, "test", "good", "%03d.png" % i), frames[n_train + i][:, :, ::-1])
+    for i in range(n_bad):
+        img = frames[n_train + n_good + i].copy()
+        mask = np.zeros(img.shape[:2], np.uint8)
+        cv2.circle(mask, (20 + 8 * i, 30), 8, 255, -1)
+        img[mask > 0] = (255, 0, 255)
+        cv2.imwrite(os.path.join(root, "test", "spot", "%03d.png" % i), img[:, :, ::-1])
+        cv2.imwrite(os.path.join(root, "ground_truth", "spot", "%03d_mask.png" % i), mask)
+    return root
+
+
+def _run(args):
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return _write_category(str(tmp_path_factory.mktemp("data") / "widget"))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(category, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("models") / "widget.edgead")
+    result = _run(["fit", category, "-o", out, "--backbone", "resnet18", "--weights", "random", "--size", "64",
+                   "--dim", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["n_train"] == 8 and summary["calibration"]["train_p995"] > 0
+    return out
+
+
+def test_eval_prints_table_writes_json_and_overlays(bundle_dir, category, tmp_path):
+    out = str(tmp_path / "eval")
+    result = _run(["eval", bundle_dir, category, "--out", out, "--calibrate"])
+    assert result.exit_code == 0, result.output
+    assert "image AUROC" in result.output
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["n_good"] == 3 and metrics["n_defect"] == 3
+    assert metrics["image_auroc"] == pytest.approx(1.0)  # magenta blobs on blurred noise: trivially separable
+    assert 0.0 <= metrics["pro"] <= 1.0
+    assert len(os.listdir(os.path.join(out, "overlays", "spot"))) == 3
+    config = json.load(open(os.path.join(bundle_dir, "model.json")))
+    assert config["calibration"]["image_threshold"] == pytest.approx(metrics["calibration"]["image_threshold"])
+
+
+def test_export_then_compare_within_tolerance(bundle_dir, category, tmp_path):
+    onnx_path = str(tmp_path / "m.onnx")
+    result = _run(["export", bundle_dir, "-o", onnx_path, "--precision", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tensorrt_problems"] == []
+    result = _run(["compare", bundle_dir, onnx_path, "--images", os.path.join(category, "test", "spot"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert rows[0]["map"]["max_rel"] <= 1e-4 and rows[0]["score"]["max_rel"] <= 1e-4
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["fit", "{empty}", "-o", "{tmp}/b"], "no images"),
+    (["fit", "{category}", "-o", "{tmp}/b", "--backbone", "vgg"], "unknown backbone"),
+    (["fit", "{category}", "-o", "{tmp}/b", "--size", "60", "--weights", "random"], "multiple of 16"),
+    (["eval", "{tmp}/missing", "{category}"], "not a bundle folder"),
+    (["export", "{tmp}/missing", "-o", "{tmp}/x.onnx"], "not a bundle folder"),
+    (["fit", "{category}", "-o", "{tmp}/b", "--weights", "{tmp}/nope.pth"], "nope.pth"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle, category, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.format(empty=empty, tmp=tmp_path, category=category) for a in args]
+    result = CliRunner(mix_stderr=False).invoke(cli, args) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames \
+        else CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    message = result.stderr if hasattr(result, "stderr") and result.stderr else result.output
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgead: error:") and needle in lines[0], message
+    assert "Traceback" not in message
+
+
+def test_corrupt_training_image_names_the_file(category, tmp_path):
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(category, broken)
+    bad = os.path.join(broken, "train", "good", "005.png")
+    open(bad, "wb").write(b"\x89PNG garbage")
+    result = CliRunner().invoke(cli, ["fit", broken, "-o", str(tmp_path / "b"), "--weights", "random",
+                                      "--backbone", "resnet18", "--size", "64"])
+    assert result.exit_code == 2 and "005.png" in result.output
+    assert not os.path.exists(str(tmp_path / "b" / "model.json"))
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path):
+    out = str(tmp_path / "demo")
+    result = _run(["demo", "--out", out, "--categories", "brick", "--size", "64", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "image AUROC" in result.output and "ONNX Runtime vs torch" in result.output
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["results"][0]["category"] == "brick"
+    assert os.listdir(os.path.join(out, "eval", "brick", "overlays"))
