@@ -54,12 +54,13 @@ def _export_front_end(frame_embedding, input_hw, batch, input_dtype):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8"):
+def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):
     """Build the full ModelProto for ``bundle`` (a PadimBundle). Does not write anything.
 
     mahalanobis: ``onnx`` | ``plugin``; precision: ``fp16`` | ``fp32`` storage of the whitening (the
     mean stays fp32); batch: ``1``, ``N`` or ``"dynamic"``; input_dtype: ``uint8`` (default) or
-    ``float32`` (pixel values 0..255, for TensorRT 8.5 which has no uint8 inputs).
+    ``float32`` (pixel values 0..255, for TensorRT 8.5 which has no uint8 inputs); blocks: row blocks
+    of the standard-op Mahalanobis (see ``onnx_head.mahalanobis_standard_ops``).
     """
     batch = parse_batch(batch)
     if input_dtype not in ("uint8", "float32"):
@@ -70,7 +71,7 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
         model = _export_front_end(bundle.frame_embedding(), (height, width), batch, input_dtype)
     nodes, initializers = onnx_head.build_head(
         "embedding", cfg, bundle.mean.numpy(), bundle.whitening_packed.numpy(), mahalanobis, precision,
-        OUTPUT_MAP, OUTPUT_SCORE,
+        OUTPUT_MAP, OUTPUT_SCORE, blocks,
     )
     graph = model.graph
     graph.node.extend(nodes)

@@ -15,7 +15,7 @@ Notes for TensorRT:
 
 TENSORRT_OPS = {
     # op: restriction we rely on (None = none)
-    "Add": None, "Sub": None, "Mul": None, "Div": None, "Sqrt": None, "Relu": None, "Clip": None,
+    "Add": None, "Sum": None, "Sub": None, "Mul": None, "Div": None, "Sqrt": None, "Relu": None, "Clip": None,
     "HardSigmoid": None, "HardSwish": "TensorRT >= 8.5 (opset 14)", "Sigmoid": None,
     "BatchNormalization": None, "Cast": "TensorRT types only", "Concat": None, "Constant": None,
     "Conv": "2-D, weights are initializers", "MaxPool": "2-D, no Indices output",
