@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgead-installed
 NVCC   ?= nvcc
 
-.PHONY: demo test install bench clean cuda-check plugin-check
+.PHONY: demo test install bench bench-quick bench-anomalib clean
+
+include cpp_bindings/Makefile.inc
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --out bench_out
 	$(PY) benchmarks/backbone_auroc.py --out bench_out
+	$(PY) benchmarks/latency_table.py --out bench_out
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/fit_scaling.py --quick --out bench_out/quick
+	$(PY) benchmarks/backbone_auroc.py --quick --out bench_out/quick
+	$(PY) benchmarks/latency_table.py --quick --out bench_out/quick
+
+# anomalib 2.7 lives in its own venv (shares torch/timm with .venv through a .pth file).
+bench-anomalib: $(STAMP)
+	bash benchmarks/setup_anomalib_venv.sh
+	$(PY) benchmarks/vs_anomalib.py --out bench_out
 
 clean:
-	rm -rf $(VENV) build demo_out bench_out
+	rm -rf $(VENV) .venv-anomalib build cpp_bindings/build demo_out bench_out

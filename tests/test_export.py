@@ -153,3 +153,10 @@ def test_export_writes_atomically(tiny_bundle, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         onnx_export.export_onnx(tiny_bundle, out, "onnx", "fp32", 1)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 24])
+def test_row_block_count_does_not_change_the_result(tiny_bundle, frames, blocks):
+    ref = _session(onnx_export.build_onnx(tiny_bundle, "onnx", "fp32", 3, blocks=2)).run(None, {"image": frames})[0]
+    out = _session(onnx_export.build_onnx(tiny_bundle, "onnx", "fp32", 3, blocks=blocks)).run(None, {"image": frames})[0]
+    assert _rel(out, ref) <= 1e-5

@@ -1,2 +1,47 @@
-"""Placeholder: commands are added by their owners."""
-COMMANDS = ()
+"""``edgead build``: ONNX -> TensorRT engine (+ ``.json`` sidecar), on the device that will run it.
+
+Imports only click at module level; tensorrt and the exporter load inside the command.
+"""
+import json
+
+import click
+
+
+@click.command("build")
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "engine_path", required=True, type=click.Path(dir_okay=False),
+              help="Engine file to write (the sidecar MODEL.engine.json goes next to it).")
+@click.option("--fp16", is_flag=True, help="Allow fp16 kernels.")
+@click.option("--int8", is_flag=True, help="Allow int8 kernels (entropy calibration on --calib images).")
+@click.option("--calib", "calib_dir", type=click.Path(file_okay=False), help="Folder of calibration images for --int8.")
+@click.option("--workspace", "workspace_mb", type=int, default=1024, show_default=True,
+              help="Builder workspace pool, MiB.")
+@click.option("--plugin-lib", type=click.Path(dir_okay=False),
+              help="libedgead_plugins.so (default: $EDGEAD_PLUGIN_LIB or cpp_bindings/build/).")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Largest batch of the optimization profile (dynamic-batch ONNX only).")
+@click.option("--verbose", is_flag=True, help="TensorRT builder log at VERBOSE level.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON.")
+def build(onnx_path, engine_path, fp16, int8, calib_dir, workspace_mb, plugin_lib, max_batch, verbose, as_json):
+    """Build a TensorRT engine from an edgead ONNX file (run this on the target GPU/Jetson).
+
+    \b
+    Example:
+      edgead build bottle.onnx -o bottle.engine --fp16
+      edgead build bottle_plugin.onnx -o bottle.engine --fp16 --plugin-lib cpp_bindings/build/libedgead_plugins.so
+      edgead run bottle.engine --source csi://0 --show
+    """
+    from edgead.exporters.tensorrt_build import build_engine
+
+    summary = build_engine(onnx_path, engine_path, fp16=fp16, int8=int8, calib_dir=calib_dir,
+                           workspace_mb=workspace_mb, plugin_lib=plugin_lib, max_batch=max_batch, verbose=verbose)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    built = summary["tensorrt"]
+    click.echo("{} -> {} ({:.1f} MB, TensorRT {}, {}{}{}, {:.0f} s)".format(
+        summary["onnx"], summary["engine"], summary["engine_bytes"] / 1e6, built["version"], built["gpu"],
+        ", fp16" if built["fp16"] else "", ", int8" if built["int8"] else "", built["build_seconds"]))
+
+
+COMMANDS = (build,)

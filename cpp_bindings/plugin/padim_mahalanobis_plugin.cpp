@@ -1,0 +1,334 @@
+// edgead: TensorRT plugin PadimMahalanobis (see padim_mahalanobis_plugin.h for the node contract).
+#include "padim_mahalanobis_plugin.h"
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <new>
+
+#include "edgead/padim_mahalanobis.h"
+
+using namespace nvinfer1;
+
+namespace edgead {
+namespace {
+
+constexpr int32_t kNbInputs = 3;
+constexpr int32_t kNbOutputs = 1;
+
+void logError(char const* what) noexcept { std::fprintf(stderr, "[edgead] PadimMahalanobis: %s\n", what); }
+
+//! Reads plugin_version / dim / num_patches; returns an empty string or the problem.
+std::string parseFields(PluginFieldCollection const* fc, PadimParams& params) {
+    if (fc == nullptr) return "no plugin fields given (need dim and num_patches)";
+    for (int32_t i = 0; i < fc->nbFields; ++i) {
+        PluginField const& field = fc->fields[i];
+        if (field.name == nullptr) continue;
+        if (std::strcmp(field.name, "plugin_version") == 0) {
+            if (field.type == PluginFieldType::kCHAR && field.data != nullptr) {
+                std::string version(static_cast<char const*>(field.data), static_cast<size_t>(field.length));
+                version = version.c_str();  // drop a trailing NUL if the length counted it
+                if (version != kPluginVersion) return "plugin_version '" + version + "' is not supported (this is 1)";
+            }
+        } else if (std::strcmp(field.name, "dim") == 0 || std::strcmp(field.name, "num_patches") == 0) {
+            if (field.type != PluginFieldType::kINT32 || field.data == nullptr || field.length < 1)
+                return std::string("field ") + field.name + " must be one int32";
+            int32_t const value = *static_cast<int32_t const*>(field.data);
+            (std::strcmp(field.name, "dim") == 0 ? params.dim : params.numPatches) = value;
+        }
+    }
+    if (params.dim < 1 || params.dim > EDGEAD_MAX_DIM) return "attribute dim must be in 1.." + std::to_string(EDGEAD_MAX_DIM);
+    if (params.numPatches < 1) return "attribute num_patches must be >= 1";
+    return std::string();
+}
+
+//! Shape check of (embedding [N, D, P], mean [P, D], whitening [P, T]); -1 (dynamic) entries pass.
+std::string shapeProblem(Dims const& x, Dims const& mean, Dims const& w, PadimParams const& p) {
+    auto match = [](int64_t actual, int64_t expected) { return actual < 0 || actual == expected; };
+    int64_t const tri = static_cast<int64_t>(p.dim) * (p.dim + 1) / 2;
+    if (x.nbDims != 3 || !match(x.d[1], p.dim) || !match(x.d[2], p.numPatches))
+        return "input 0 (embedding) must be [N, dim, num_patches]";
+    if (mean.nbDims != 2 || !match(mean.d[0], p.numPatches) || !match(mean.d[1], p.dim))
+        return "input 1 (mean) must be [num_patches, dim]";
+    if (w.nbDims != 2 || !match(w.d[0], p.numPatches) || !match(w.d[1], tri))
+        return "input 2 (whitening_packed) must be [num_patches, dim*(dim+1)/2]";
+    return std::string();
+}
+
+//! fp32 linear everywhere, except the packed whitening (pos 2): fp16 or fp32 linear.
+bool formatSupported(int32_t pos, DataType type, TensorFormat format) {
+    if (format != TensorFormat::kLINEAR) return false;
+    if (pos == 2) return type == DataType::kFLOAT || type == DataType::kHALF;
+    return pos >= 0 && pos < kNbInputs + kNbOutputs && type == DataType::kFLOAT;
+}
+
+int32_t runKernel(PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
+                  cudaStream_t stream) noexcept {
+    Dims const& x = inputDesc[0].dims;
+    int32_t const n = static_cast<int32_t>(x.d[0]);
+    if (n == 0) return 0;
+    int const status = edgead_padim_mahalanobis(
+        static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]), inputs[2],
+        inputDesc[2].type == DataType::kHALF ? 1 : 0, static_cast<float*>(outputs[0]), n,
+        static_cast<int32_t>(x.d[1]), static_cast<int32_t>(x.d[2]), stream);
+    if (status != EDGEAD_OK) {
+        logError(edgead_status_string(status));
+        return -1;
+    }
+    return 0;
+}
+
+void fillFieldNames(std::vector<PluginField>& fields, PluginFieldCollection& collection) {
+    fields.clear();
+    fields.emplace_back("plugin_version", nullptr, PluginFieldType::kCHAR, 1);
+    fields.emplace_back("dim", nullptr, PluginFieldType::kINT32, 1);
+    fields.emplace_back("num_patches", nullptr, PluginFieldType::kINT32, 1);
+    collection.nbFields = static_cast<int32_t>(fields.size());
+    collection.fields = fields.data();
+}
+
+}  // namespace
+
+#if EDGEAD_TRT_V3
+
+// ------------------------------------------------------------------------------------------- IPluginV3
+
+PadimMahalanobisPlugin::PadimMahalanobisPlugin(PadimParams params) : mParams(params) {}
+
+IPluginCapability* PadimMahalanobisPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept {
+    switch (type) {
+        case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+        case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+        case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* PadimMahalanobisPlugin::clone() noexcept {
+    return new (std::nothrow) PadimMahalanobisPlugin(mParams);
+}
+
+char const* PadimMahalanobisPlugin::getPluginName() const noexcept { return kPluginName; }
+char const* PadimMahalanobisPlugin::getPluginVersion() const noexcept { return kPluginVersion; }
+char const* PadimMahalanobisPlugin::getPluginNamespace() const noexcept { return ""; }
+
+int32_t PadimMahalanobisPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                                DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) {
+        logError("expects 3 inputs and 1 output");
+        return -1;
+    }
+    std::string const problem = shapeProblem(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mParams);
+    if (!problem.empty()) {
+        logError(problem.c_str());
+        return -1;
+    }
+    return 0;
+}
+
+int32_t PadimMahalanobisPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs,
+                                                   DataType const*, int32_t nbInputs) const noexcept {
+    if (nbOutputs != kNbOutputs || nbInputs != kNbInputs) return -1;
+    outputTypes[0] = DataType::kFLOAT;
+    return 0;
+}
+
+int32_t PadimMahalanobisPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
+                                                DimsExprs const*, int32_t, DimsExprs* outputs, int32_t nbOutputs,
+                                                IExprBuilder&) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs || inputs[0].nbDims != 3) {
+        logError("input 0 must be [N, dim, num_patches]");
+        return -1;
+    }
+    outputs[0].nbDims = 2;
+    outputs[0].d[0] = inputs[0].d[0];
+    outputs[0].d[1] = inputs[0].d[2];
+    return 0;
+}
+
+bool PadimMahalanobisPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
+                                                       int32_t nbInputs, int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return false;
+    return formatSupported(pos, inOut[pos].desc.type, inOut[pos].desc.format);
+}
+
+int32_t PadimMahalanobisPlugin::getNbOutputs() const noexcept { return kNbOutputs; }
+
+size_t PadimMahalanobisPlugin::getWorkspaceSize(DynamicPluginTensorDesc const*, int32_t,
+                                                DynamicPluginTensorDesc const*, int32_t) const noexcept {
+    return 0;
+}
+
+int32_t PadimMahalanobisPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs,
+                                              PluginTensorDesc const*, int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return -1;
+    std::string const problem = shapeProblem(in[0].dims, in[1].dims, in[2].dims, mParams);
+    if (!problem.empty()) {
+        logError(problem.c_str());
+        return -1;
+    }
+    return 0;
+}
+
+int32_t PadimMahalanobisPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
+                                        void const* const* inputs, void* const* outputs, void*,
+                                        cudaStream_t stream) noexcept {
+    return runKernel(inputDesc, inputs, outputs, stream);
+}
+
+IPluginV3* PadimMahalanobisPlugin::attachToContext(IPluginResourceContext*) noexcept { return clone(); }
+
+PluginFieldCollection const* PadimMahalanobisPlugin::getFieldsToSerialize() noexcept {
+    mSerialFields.clear();
+    mSerialFields.emplace_back("dim", &mParams.dim, PluginFieldType::kINT32, 1);
+    mSerialFields.emplace_back("num_patches", &mParams.numPatches, PluginFieldType::kINT32, 1);
+    mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
+    mSerialCollection.fields = mSerialFields.data();
+    return &mSerialCollection;
+}
+
+PadimMahalanobisPluginCreator::PadimMahalanobisPluginCreator() { fillFieldNames(mFields, mCollection); }
+char const* PadimMahalanobisPluginCreator::getPluginName() const noexcept { return kPluginName; }
+char const* PadimMahalanobisPluginCreator::getPluginVersion() const noexcept { return kPluginVersion; }
+char const* PadimMahalanobisPluginCreator::getPluginNamespace() const noexcept { return ""; }
+PluginFieldCollection const* PadimMahalanobisPluginCreator::getFieldNames() noexcept { return &mCollection; }
+
+IPluginV3* PadimMahalanobisPluginCreator::createPlugin(char const*, PluginFieldCollection const* fc,
+                                                       TensorRTPhase) noexcept {
+    try {
+        PadimParams params;
+        std::string const problem = parseFields(fc, params);
+        if (!problem.empty()) {
+            logError(problem.c_str());
+            return nullptr;
+        }
+        return new PadimMahalanobisPlugin(params);
+    } catch (std::exception const& e) {
+        logError(e.what());
+    }
+    return nullptr;
+}
+
+#else  // ------------------------------------------------------------- IPluginV2DynamicExt (TensorRT 8.5/8.6)
+
+PadimMahalanobisPlugin::PadimMahalanobisPlugin(PadimParams params) : mParams(params) {}
+
+PadimMahalanobisPlugin::PadimMahalanobisPlugin(void const* data, size_t length) {
+    if (data != nullptr && length == 2 * sizeof(int32_t)) {
+        std::memcpy(&mParams.dim, data, sizeof(int32_t));
+        std::memcpy(&mParams.numPatches, static_cast<char const*>(data) + sizeof(int32_t), sizeof(int32_t));
+    } else {
+        logError("serialized plugin data has the wrong size");
+    }
+}
+
+IPluginV2DynamicExt* PadimMahalanobisPlugin::clone() const noexcept {
+    auto* plugin = new (std::nothrow) PadimMahalanobisPlugin(mParams);
+    if (plugin != nullptr) plugin->setPluginNamespace(mNamespace.c_str());
+    return plugin;
+}
+
+DimsExprs PadimMahalanobisPlugin::getOutputDimensions(int32_t outputIndex, DimsExprs const* inputs,
+                                                      int32_t nbInputs, IExprBuilder&) noexcept {
+    DimsExprs out{};
+    if (outputIndex != 0 || nbInputs != kNbInputs || inputs[0].nbDims != 3) {
+        logError("input 0 must be [N, dim, num_patches]");
+        out.nbDims = -1;
+        return out;
+    }
+    out.nbDims = 2;
+    out.d[0] = inputs[0].d[0];
+    out.d[1] = inputs[0].d[2];
+    return out;
+}
+
+bool PadimMahalanobisPlugin::supportsFormatCombination(int32_t pos, PluginTensorDesc const* inOut, int32_t nbInputs,
+                                                       int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return false;
+    return formatSupported(pos, inOut[pos].type, inOut[pos].format);
+}
+
+void PadimMahalanobisPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                                             DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) {
+        logError("expects 3 inputs and 1 output");
+        return;
+    }
+    std::string const problem = shapeProblem(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mParams);
+    if (!problem.empty()) logError(problem.c_str());
+}
+
+size_t PadimMahalanobisPlugin::getWorkspaceSize(PluginTensorDesc const*, int32_t, PluginTensorDesc const*,
+                                                int32_t) const noexcept {
+    return 0;
+}
+
+int32_t PadimMahalanobisPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
+                                        void const* const* inputs, void* const* outputs, void*,
+                                        cudaStream_t stream) noexcept {
+    return runKernel(inputDesc, inputs, outputs, stream);
+}
+
+DataType PadimMahalanobisPlugin::getOutputDataType(int32_t, DataType const*, int32_t) const noexcept {
+    return DataType::kFLOAT;
+}
+
+char const* PadimMahalanobisPlugin::getPluginType() const noexcept { return kPluginName; }
+char const* PadimMahalanobisPlugin::getPluginVersion() const noexcept { return kPluginVersion; }
+int32_t PadimMahalanobisPlugin::getNbOutputs() const noexcept { return kNbOutputs; }
+int32_t PadimMahalanobisPlugin::initialize() noexcept { return 0; }
+void PadimMahalanobisPlugin::terminate() noexcept {}
+size_t PadimMahalanobisPlugin::getSerializationSize() const noexcept { return 2 * sizeof(int32_t); }
+
+void PadimMahalanobisPlugin::serialize(void* buffer) const noexcept {
+    std::memcpy(buffer, &mParams.dim, sizeof(int32_t));
+    std::memcpy(static_cast<char*>(buffer) + sizeof(int32_t), &mParams.numPatches, sizeof(int32_t));
+}
+
+void PadimMahalanobisPlugin::destroy() noexcept { delete this; }
+void PadimMahalanobisPlugin::setPluginNamespace(char const* ns) noexcept { mNamespace = ns != nullptr ? ns : ""; }
+char const* PadimMahalanobisPlugin::getPluginNamespace() const noexcept { return mNamespace.c_str(); }
+
+PadimMahalanobisPluginCreator::PadimMahalanobisPluginCreator() { fillFieldNames(mFields, mCollection); }
+char const* PadimMahalanobisPluginCreator::getPluginName() const noexcept { return kPluginName; }
+char const* PadimMahalanobisPluginCreator::getPluginVersion() const noexcept { return kPluginVersion; }
+PluginFieldCollection const* PadimMahalanobisPluginCreator::getFieldNames() noexcept { return &mCollection; }
+
+IPluginV2* PadimMahalanobisPluginCreator::createPlugin(char const*, PluginFieldCollection const* fc) noexcept {
+    try {
+        PadimParams params;
+        std::string const problem = parseFields(fc, params);
+        if (!problem.empty()) {
+            logError(problem.c_str());
+            return nullptr;
+        }
+        auto* plugin = new PadimMahalanobisPlugin(params);
+        plugin->setPluginNamespace(mNamespace.c_str());
+        return plugin;
+    } catch (std::exception const& e) {
+        logError(e.what());
+    }
+    return nullptr;
+}
+
+IPluginV2* PadimMahalanobisPluginCreator::deserializePlugin(char const*, void const* serialData,
+                                                            size_t serialLength) noexcept {
+    try {
+        auto* plugin = new PadimMahalanobisPlugin(serialData, serialLength);
+        plugin->setPluginNamespace(mNamespace.c_str());
+        return plugin;
+    } catch (std::exception const& e) {
+        logError(e.what());
+    }
+    return nullptr;
+}
+
+void PadimMahalanobisPluginCreator::setPluginNamespace(char const* ns) noexcept { mNamespace = ns != nullptr ? ns : ""; }
+char const* PadimMahalanobisPluginCreator::getPluginNamespace() const noexcept { return mNamespace.c_str(); }
+
+#endif  // EDGEAD_TRT_V3
+
+// Registered in plugin namespace "" as soon as the library is loaded (ctypes, trtexec --plugins/--staticPlugins).
+REGISTER_TENSORRT_PLUGIN(PadimMahalanobisPluginCreator);
+
+}  // namespace edgead
