@@ -21,6 +21,9 @@ def atomic_path(final_path):
     stem, ext = os.path.splitext(base)
     fd, tmp = tempfile.mkstemp(prefix="." + stem + ".", suffix=".tmp" + ext, dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
         os.replace(tmp, final_path)

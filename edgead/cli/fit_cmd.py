@@ -121,7 +121,7 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
     if len(categories) != 1:
         raise DataError("{}: eval takes one MVTec category (found {})".format(data, len(categories)))
     category = MvtecCategory(categories[0])
-    if not category.has_test():
+    if not category.has_test:
         raise DataError("{}: no test/ folder to evaluate on".format(categories[0]))
     result = evaluate_category(bundle, category, out, overlays and out is not None, batch_size)
     if calibrate:

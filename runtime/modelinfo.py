@@ -1,0 +1,214 @@
+"""The ``edgead`` metadata dict of an exported model: read, validate, derive thresholds.
+
+Sources of the dict (docs/CONTRACTS.md, "model.json and ONNX metadata_props"):
+
+- ``model.onnx``: ``metadata_props["edgead"]`` (JSON). Read either from an open ONNX Runtime
+  session (``session.get_modelmeta().custom_metadata_map``) or, without building a session, by
+  scanning the top level of the ONNX protobuf (works for plugin-flavour graphs that the CPU
+  provider cannot load, and needs neither ``onnx`` nor ``onnxruntime``).
+- ``model.engine`` / ``.plan`` / ``.trt``: the JSON sidecar ``model.engine.json`` next to it.
+
+Every problem raises ``edgead.errors.ModelFileError`` naming the file. Torch-free.
+"""
+import json
+import os
+
+from edgead.errors import ModelFileError
+
+METADATA_KEY = "edgead"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+RESIZE_MODES = ("area", "bilinear", "nearest")
+ENGINE_EXTENSIONS = (".engine", ".plan", ".trt")
+
+#: ONNX ModelProto field number of ``metadata_props`` (repeated StringStringEntryProto).
+_MODEL_PROTO_METADATA_FIELD = 14
+
+
+def sidecar_path(engine_path):
+    """``model.engine`` -> ``model.engine.json``."""
+    return os.fspath(engine_path) + ".json"
+
+
+def load_model_info(path):
+    """Validated metadata dict of ``path`` (.onnx, .engine/.plan/.trt with sidecar, or a .json).
+
+    Raises:
+        ModelFileError: missing file, no ``edgead`` metadata, bad JSON or missing/invalid keys.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError("{}: model file not found".format(path))
+    ext = os.path.splitext(path)[1].lower()
+    if ext in ENGINE_EXTENSIONS:
+        sidecar = sidecar_path(path)
+        if not os.path.exists(sidecar):
+            raise ModelFileError("{}: TensorRT engine has no metadata sidecar {} (copy it next to the engine, "
+                                 "or rebuild with `edgead build`)".format(path, sidecar))
+        return _load_json_file(sidecar)
+    if ext == ".json":
+        return _load_json_file(path)
+    raw = read_onnx_metadata_raw(path)
+    return parse_metadata(raw, path)
+
+
+def model_info_from_session(session, path):
+    """Validated metadata dict from an ``onnxruntime.InferenceSession`` of ``path``."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in meta:
+        raise ModelFileError("{}: ONNX model has no '{}' metadata (export it with `edgead export`)".format(
+            path, METADATA_KEY))
+    return parse_metadata(meta[METADATA_KEY], path)
+
+
+def _load_json_file(path):
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ModelFileError("{}: cannot read ({})".format(path, exc))
+    return parse_metadata(text, path)
+
+
+def parse_metadata(text, path):
+    """JSON text -> validated dict; ``path`` only names the file in errors."""
+    try:
+        info = json.loads(text)
+    except ValueError as exc:
+        raise ModelFileError("{}: '{}' metadata is not valid JSON ({})".format(path, METADATA_KEY, exc))
+    validate_model_info(info, path)
+    return info
+
+
+def validate_model_info(info, path):
+    """Check the keys the runtime relies on; fill ``input.resize`` default ``area``. Returns ``info``."""
+    if not isinstance(info, dict):
+        raise ModelFileError("{}: '{}' metadata must be a JSON object".format(path, METADATA_KEY))
+    for key in ("format_version", "method", "input"):
+        if key not in info:
+            raise ModelFileError("{}: '{}' metadata lacks key '{}'".format(path, METADATA_KEY, key))
+    if info["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelFileError("{}: metadata format_version {!r} is not supported by this runtime (supports {}); "
+                             "upgrade edgead on the device".format(path, info["format_version"],
+                                                                  list(SUPPORTED_FORMAT_VERSIONS)))
+    inp = info["input"]
+    if not isinstance(inp, dict):
+        raise ModelFileError("{}: metadata 'input' must be an object".format(path))
+    for key in ("height", "width"):
+        value = inp.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ModelFileError("{}: metadata input.{} must be a positive integer, got {!r}".format(
+                path, key, value))
+    order = inp.get("channel_order", "RGB")
+    if order != "RGB":
+        raise ModelFileError("{}: metadata input.channel_order {!r} is not supported (expected RGB)".format(
+            path, order))
+    inp.setdefault("resize", "area")
+    if inp["resize"] not in RESIZE_MODES:
+        raise ModelFileError("{}: metadata input.resize {!r} unknown (expected one of {})".format(
+            path, inp["resize"], ", ".join(RESIZE_MODES)))
+    calibration = info.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise ModelFileError("{}: metadata 'calibration' must be an object or null".format(path))
+        for key, value in calibration.items():
+            if key != "source" and value is not None and not isinstance(value, (int, float)):
+                raise ModelFileError("{}: metadata calibration.{} must be a number or null, got {!r}".format(
+                    path, key, value))
+    info.setdefault("calibration", None)
+    return info
+
+
+def input_hw(info):
+    """(H, W) model input size in pixels."""
+    return int(info["input"]["height"]), int(info["input"]["width"])
+
+
+def thresholds(info):
+    """Decision thresholds and heatmap range from ``info["calibration"]``.
+
+    Returns dict (floats in anomaly-map units, or None when unknown):
+        ``image_threshold``: score above it = anomalous frame (``calibration.image_threshold``,
+        else the training fallback ``train_p995``);
+        ``pixel_threshold``: map above it = anomalous pixel, used for boxes (``pixel_threshold``,
+        else the image threshold);
+        ``vmin`` / ``vmax``: heatmap colour range (``score_min`` / ``score_max``, else
+        ``train_score_max`` for vmax; None means per-frame min/max);
+        ``source``: where they came from (``validation``, ``train``, ... or None).
+    """
+    cal = info.get("calibration") or {}
+
+    def num(key):
+        value = cal.get(key)
+        return None if value is None else float(value)
+
+    image_threshold = num("image_threshold")
+    if image_threshold is None:
+        image_threshold = num("train_p995")
+    pixel_threshold = num("pixel_threshold")
+    if pixel_threshold is None:
+        pixel_threshold = image_threshold
+    vmax = num("score_max")
+    if vmax is None:
+        vmax = num("train_score_max")
+    return {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
+            "vmin": num("score_min"), "vmax": vmax, "source": cal.get("source")}
+
+
+# --- minimal protobuf reader: top-level ModelProto.metadata_props, without onnx/onnxruntime ---------
+
+def _varint(buf, pos):
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf):
+    """Yield (field_number, wire_type, value) of one protobuf message; len-delimited values are memoryviews."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("truncated field {}".format(field))
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = None, pos + 4
+        else:
+            raise ValueError("unsupported wire type {}".format(wire))
+        yield field, wire, value
+
+
+def read_onnx_metadata_raw(path):
+    """The ``edgead`` metadata string of an .onnx file (protobuf scan, graph not parsed)."""
+    try:
+        with open(path, "rb") as fh:
+            buf = memoryview(fh.read())
+    except OSError as exc:
+        raise ModelFileError("{}: cannot read ({})".format(path, exc))
+    if len(buf) == 0:
+        raise ModelFileError("{}: file is empty (0 bytes)".format(path))
+    try:
+        for field, wire, value in _fields(buf):
+            if field == _MODEL_PROTO_METADATA_FIELD and wire == 2:
+                entry = {f: bytes(v).decode("utf-8") for f, w, v in _fields(value) if w == 2}
+                if entry.get(1) == METADATA_KEY:
+                    return entry.get(2, "")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError("{}: not a valid ONNX file ({})".format(path, exc))
+    raise ModelFileError("{}: ONNX model has no '{}' metadata (export it with `edgead export`)".format(
+        path, METADATA_KEY))
