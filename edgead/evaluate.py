@@ -74,7 +74,8 @@ def write_overlays(samples, maps, scores, calibration, input_hw, folder, resize=
     for i in tqdm(list(chosen), desc="overlays", leave=False):
         sample = samples[i]
         image = read_image(sample.path, input_hw, resize)
-        picture = annotate(image, maps[i], float(scores[i]), pixel_threshold, vmin, vmax)
+        picture = annotate(image, maps[i], float(scores[i]), pixel_threshold, vmin, vmax,
+                           image_threshold=calibration.get("image_threshold"))
         if sample.mask_path:
             mask = read_mask(sample.mask_path, input_hw).astype(np.uint8)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -44,7 +44,8 @@ def engine_outputs(path, frames, backend="auto", **options):
 
     with open_engine(path, backend=backend, **options) as engine:
         maps, scores = engine.infer(np.ascontiguousarray(frames))
-        return np.asarray(maps), np.asarray(scores), engine.info()
+        info = dict(engine.info(), model_info=engine.model_info)
+        return np.asarray(maps), np.asarray(scores), info
 
 
 def compare(bundle, model_paths, frames, backend_options=None):
