@@ -42,13 +42,17 @@ class PadimBundle:
     path: str = field(default=None)
 
     # ---- building torch modules -------------------------------------------------------------
-    def frame_embedding(self):
-        """The FrameEmbedding (uint8 frames -> ``[N, D, h, w]``) with the bundle's backbone weights."""
+    def frame_embedding(self, prune_deepest=False):
+        """The FrameEmbedding (uint8 frames -> ``[N, D, h, w]``) with the bundle's backbone weights.
+
+        prune_deepest: compute only the chosen channels in the deepest block (export; see edgead.pruning).
+        """
         cfg = self.config
         extractor = backbones.create_feature_extractor(cfg["backbone"]["name"])
         extractor.load_state_dict(self.backbone_state)
         patch = PatchEmbedding(
-            extractor, cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"], cfg["backbone"]["strides"]
+            extractor, cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"], cfg["backbone"]["strides"],
+            prune_deepest=prune_deepest,
         )
         return FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
 

@@ -45,9 +45,8 @@ class PatchEmbedding(nn.Module):
     ``embedding_concat`` followed by ``index_select`` with the same (sorted) indices.
     """
 
-    def __init__(self, extractor, channel_indices, stage_channels, stage_strides):
+    def __init__(self, extractor, channel_indices, stage_channels, stage_strides, prune_deepest=False):
         super().__init__()
-        self.extractor = extractor
         channel_indices = np.asarray(channel_indices, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(stage_channels)])
         self.factors = []
@@ -61,6 +60,18 @@ class PatchEmbedding(nn.Module):
             self.factors.append(stride // stage_strides[0])
             self.stage_used.append(len(local) > 0)
         self.dim = len(channel_indices)
+        self.pruned = False
+        if prune_deepest:
+            # The deepest block computes only the chosen channels (edgead.pruning); its output is then
+            # already gathered, so the last stage's index becomes 0..k-1.
+            from edgead.pruning import prune_deepest_block
+
+            last = len(stage_strides) - 1
+            local = getattr(self, "stage%d_index" % last)
+            extractor, self.pruned = prune_deepest_block(extractor, local)
+            if self.pruned:
+                self.register_buffer("stage%d_index" % last, torch.arange(len(local)), persistent=False)
+        self.extractor = extractor
 
     def forward(self, images):
         features = self.extractor(images)

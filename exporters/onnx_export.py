@@ -68,7 +68,7 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     cfg = bundle.config
     height, width = bundle.input_hw
     with torch.no_grad():
-        model = _export_front_end(bundle.frame_embedding(), (height, width), batch, input_dtype)
+        model = _export_front_end(bundle.frame_embedding(prune_deepest=True), (height, width), batch, input_dtype)
     nodes, initializers = onnx_head.build_head(
         "embedding", cfg, bundle.mean.numpy(), bundle.whitening_packed.numpy(), mahalanobis, precision,
         OUTPUT_MAP, OUTPUT_SCORE, blocks,

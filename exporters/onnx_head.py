@@ -46,21 +46,22 @@ def block_boundaries(dim, blocks):
     return [int(v) for v in np.linspace(0, dim, blocks + 1).round()]
 
 
-def block_gather_index(dim, row_start, row_stop):
-    """int64 ``[row_stop, row_stop - row_start]``: packed index of ``W[r, j]`` at ``[j, r - row_start]``
-    (``T`` = the appended zero where ``j > r``). Gathering it gives the transposed row block ``W[rows, :k]ᵀ``."""
-    dense_t = packing.dense_gather_index(dim, transpose=True)  # [j, r]
-    return np.ascontiguousarray(dense_t[:row_stop, row_start:row_stop])
+def block_gather_index(dim, rows, cols):
+    """int64 ``[c1 - c0, r1 - r0]``: packed index of ``W[r, c]`` at ``[c - c0, r - r0]`` (``T`` = the
+    appended zero where ``c > r``). Gathering it gives the transposed block ``W[r0:r1, c0:c1]ᵀ``."""
+    dense_t = packing.dense_gather_index(dim, transpose=True)  # [c, r]
+    return np.ascontiguousarray(dense_t[cols[0]:cols[1], rows[0]:rows[1]])
 
 
 def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, precision, blocks=2):
     """Standard-op Mahalanobis. embedding_flat ``[N, D, P]`` -> distance name ``[N, P]``.
 
-    mean ``[P, D]`` float32, whitening_packed ``[P, T]`` float32 (numpy). The triangle is split into
-    ``blocks`` row blocks; block ``i`` (rows ``r0:r1``) needs only columns ``0:r1``, so the dense weights
-    ONNX Runtime holds after constant folding shrink from ``D²`` to about ``D²(B+1)/2B`` per patch
-    (75 % for B = 2), and the memory-bound MatMuls read that much less. Also used to replace the
-    plugin node when checking the plugin flavour on CPU.
+    mean ``[P, D]`` float32, whitening_packed ``[P, T]`` float32 (numpy). The centred embedding is split
+    into ``blocks`` column chunks ``c_j``; row block ``i`` of ``y = W c`` is ``Σ_{j<=i} c_j W_ijᵀ`` (blocks
+    above the diagonal are zero and never stored), and ``d² = Σ_i ||y_i||²``. The dense weights ONNX
+    Runtime holds after constant-folding the Gathers are ``D²(B+1)/2B`` per patch (75 % of dense for
+    B = 2), so the memory-bound MatMuls read that much less. Also used to replace the plugin node when
+    checking the plugin flavour on CPU.
     """
     num_patches, dim = mean.shape
     store_dtype = np.float16 if precision == "fp16" else np.float32
@@ -73,18 +74,22 @@ def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, pr
     mean_name = builder.const("mean", mean.astype(np.float32).reshape(num_patches, 1, dim))
     centred = builder.node("Sub", [by_patch, mean_name], "centred")
     edges = block_boundaries(dim, blocks)
+    spans = list(zip(edges[:-1], edges[1:]))
+    if len(spans) == 1:
+        chunks = [centred]
+    else:
+        sizes = builder.const("chunk_sizes", np.diff(edges).astype(np.int64))
+        chunks = [builder.prefix + "centred_chunk%d" % j for j in range(len(spans))]
+        builder.nodes.append(helper.make_node("Split", [centred, sizes], chunks, name=builder.prefix + "split", axis=2))
     partial = []
-    for i, (row_start, row_stop) in enumerate(zip(edges[:-1], edges[1:])):
-        index = builder.const("block%d_index" % i, block_gather_index(dim, row_start, row_stop))
-        weights_t = builder.node("Gather", [padded, index], "block%d_weights_t" % i, axis=1)  # [P, r1, r1-r0]
-        columns = centred
-        if row_stop < dim:
-            columns = builder.node("Slice", [centred, builder.const("block%d_start" % i, np.array([0], np.int64)),
-                                             builder.const("block%d_stop" % i, np.array([row_stop], np.int64)),
-                                             builder.const("block%d_axis" % i, np.array([2], np.int64))],
-                                   "block%d_columns" % i)
-        projected = builder.node("MatMul", [columns, weights_t], "block%d_projected" % i)  # [P, N, r1-r0]
-        partial.append(builder.node("ReduceSumSquare", [projected], "block%d_squared" % i, axes=[2], keepdims=0))
+    for i, rows in enumerate(spans):
+        terms = []
+        for j, cols in enumerate(spans[:i + 1]):
+            index = builder.const("w%d%d_index" % (i, j), block_gather_index(dim, rows, cols))
+            weights_t = builder.node("Gather", [padded, index], "w%d%d_t" % (i, j), axis=1)  # [P, cols, rows]
+            terms.append(builder.node("MatMul", [chunks[j], weights_t], "y%d_part%d" % (i, j)))  # [P, N, rows]
+        row_block = terms[0] if len(terms) == 1 else builder.node("Sum", terms, "y%d" % i)
+        partial.append(builder.node("ReduceSumSquare", [row_block], "y%d_squared" % i, axes=[2], keepdims=0))
     squared = partial[0] if len(partial) == 1 else builder.node("Sum", partial, "squared_distance")  # [P, N]
     distance = builder.node("Sqrt", [squared], "distance_by_patch")
     return builder.node("Transpose", [distance], "distance", perm=[1, 0])  # [N, P]

@@ -22,7 +22,7 @@ TENSORRT_OPS = {
     "AveragePool": "2-D", "GlobalAveragePool": None, "Gather": "indices are initializers",
     "Identity": None, "MatMul": None, "Gemm": None, "Flatten": None, "Reshape": None,
     "Transpose": None, "Squeeze": "axes are constants", "Unsqueeze": "axes are constants",
-    "Shape": None, "Slice": "axes are initializers", "Pad": "constant mode",
+    "Shape": None, "Split": None, "Slice": "axes are initializers", "Pad": "constant mode",
     "Resize": "modes linear/nearest, half_pixel or asymmetric coordinates",
     "ReduceMax": None, "ReduceMean": None, "ReduceSum": None, "ReduceSumSquare": None,
 }

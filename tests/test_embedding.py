@@ -37,3 +37,21 @@ def test_stage_without_chosen_channels_is_skipped():
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(embed(images), reference_embedding(extractor(images), indices))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2", "efficientnet_lite0", "mobilenetv3_large_100"])
+def test_pruned_deepest_block_matches_full_embedding(name):
+    """Export-time pruning (edgead.pruning) computes the same embedding to float rounding."""
+    if name == "wide_resnet50_2":
+        pytest.importorskip("timm")
+    extractor = backbones.seeded_random_init(backbones.create_feature_extractor(name), seed=5)
+    channels, strides = backbones.stage_info(extractor)
+    indices = choose_channels(sum(channels), 40, seed=2)
+    full = PatchEmbedding(extractor, indices, channels, strides)
+    pruned = PatchEmbedding(extractor, indices, channels, strides, prune_deepest=True)
+    assert pruned.pruned and not full.pruned
+    assert pruned.extractor is not extractor and full.extractor is extractor  # the caller's module is untouched
+    assert set(pruned.extractor.state_dict()) == set(extractor.state_dict())
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(images), full(images), rtol=1e-5, atol=1e-5)
