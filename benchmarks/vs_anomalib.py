@@ -1,0 +1,221 @@
+"""edgead's exported PaDiM vs anomalib 2.7's exported PaDiM on ONNX Runtime CPU (the issue #3 bar).
+
+Both: ResNet18 (random init, no downloads), layers 1-3, D = 100, 256x256, batch 1, ORT with
+``--threads`` intra-op threads. anomalib runs in its own venv (``benchmarks/setup_anomalib_venv.sh``);
+``_anomalib_export.py`` fits and exports it there. Both sessions are timed in the same process in
+interleaved blocks (the first runs of each block are dropped, so one session's spinning threads
+never overlap the other's timed runs). Also: file sizes, parity of our ONNX with our torch model,
+and a per-op-type breakdown from ORT profiling.
+
+    python benchmarks/vs_anomalib.py --out bench_out [--anomalib-python .venv-anomalib/bin/python]
+"""
+import argparse
+import collections
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _anomalib_export import synthetic_frames  # noqa: E402
+
+
+def _session(path, threads, profile_prefix=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _model_bytes(path):
+    """.onnx size plus any external-data files next to it (anomalib stores weights in model.onnx.data)."""
+    import onnx
+
+    total = os.path.getsize(path)
+    model = onnx.load(path, load_external_data=False)
+    folder = os.path.dirname(path)
+    seen = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                total += os.path.getsize(os.path.join(folder, entry.value))
+    return total
+
+
+def time_interleaved(sessions, feeds, rounds, block, warm=3):
+    """Median / p90 latency (ms) of each session, alternating blocks of ``block`` runs for ``rounds`` rounds."""
+    from tqdm import tqdm
+
+    samples = {name: [] for name in sessions}
+    for _ in tqdm(range(rounds), desc="timing", leave=False):
+        for name, session in sessions.items():
+            for i in range(block + warm):
+                start = time.perf_counter()
+                session.run(None, feeds[name])
+                if i >= warm:
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)}
+            for name, v in samples.items()}
+
+
+def op_breakdown(path, feed, threads, runs=20):
+    """Mean ms per run by ONNX op type (ORT profiling), sorted descending."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session = _session(path, threads, os.path.join(tmp, "prof"))
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.load(open(session.end_profiling()))
+    totals = collections.defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / runs / 1000.0
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def export_anomalib(python, folder, n_train, seed, size):
+    result = subprocess.run([python, os.path.join(HERE, "_anomalib_export.py"), folder, str(n_train), str(seed), str(size)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit("anomalib export failed (is {} the anomalib venv? run benchmarks/setup_anomalib_venv.sh):\n{}".format(
+            python, result.stderr[-2000:]))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--anomalib-python", default=os.environ.get("EDGEAD_ANOMALIB_PYTHON", ".venv-anomalib/bin/python"))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train", type=int, default=16, help="training frames for both fits")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--block", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.block = 2, 5
+
+    from edgead import atomic
+    from edgead.exporters import compare as cmp
+    from edgead.exporters.onnx_export import export_onnx
+    from edgead.fit import fit_padim
+
+    work = tempfile.mkdtemp(prefix="edgead_vs_anomalib_")
+    anomalib = export_anomalib(args.anomalib_python, os.path.join(work, "anomalib"), args.train, args.seed, args.size)
+    frames = synthetic_frames(args.train, args.size, args.seed)
+    bundle = fit_padim([frames[i:i + 8] for i in range(0, args.train, 8)], backbone="resnet18", weights="random",
+                       input_hw=(args.size, args.size), dim=100, seed=args.seed)
+    ours = {}
+    for precision in ("fp16", "fp32"):
+        path = os.path.join(work, "edgead_{}.onnx".format(precision))
+        export_onnx(bundle, path, "onnx", precision, 1)
+        ours["edgead " + precision] = path
+
+    test = synthetic_frames(4, args.size, args.seed + 1)
+    test[0, 100:140, 60:120] = (255, 0, 255)
+    sessions = {"anomalib 2.7": _session(anomalib["onnx"], args.threads)}
+    feeds = {"anomalib 2.7": {sessions["anomalib 2.7"].get_inputs()[0].name:
+                              (test[:1].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)}}
+    for name, path in ours.items():
+        sessions[name] = _session(path, args.threads)
+        feeds[name] = {"image": test[:1]}
+    timing = time_interleaved(sessions, feeds, args.rounds, args.block)
+
+    ref_maps, ref_scores = cmp.torch_outputs(bundle, test)
+    rows = []
+    base = timing["anomalib 2.7"]["median_ms"]
+    base_bytes = _model_bytes(anomalib["onnx"])
+    for name, path in [("anomalib 2.7", anomalib["onnx"])] + list(ours.items()):
+        row = {"model": name, "median_ms": round(timing[name]["median_ms"], 3), "p90_ms": round(timing[name]["p90_ms"], 3),
+               "latency_ratio": round(timing[name]["median_ms"] / base, 3), "mbytes": round(_model_bytes(path) / 1e6, 1),
+               "size_ratio": round(_model_bytes(path) / base_bytes, 3)}
+        if name != "anomalib 2.7":
+            outs = [sessions[name].run(None, {"image": test[i:i + 1]}) for i in range(len(test))]
+            maps = np.concatenate([o[0] for o in outs])
+            scores = np.concatenate([o[1] for o in outs])
+            row["map_max_rel_vs_torch"] = float(np.abs(maps - ref_maps).max() / np.abs(ref_maps).max())
+            row["score_max_rel_vs_torch"] = float(np.abs(scores - ref_scores).max() / np.abs(ref_scores).max())
+        rows.append(row)
+    breakdown = {"anomalib 2.7": op_breakdown(anomalib["onnx"], feeds["anomalib 2.7"], args.threads),
+                 "edgead fp16": op_breakdown(ours["edgead fp16"], feeds["edgead fp16"], args.threads)}
+
+    header = "{:<14} {:>10} {:>8} {:>8} {:>9} {:>8} {:>14}".format(
+        "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "map rel err")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print("{:<14} {:>10.2f} {:>8.2f} {:>8.3f} {:>9.1f} {:>8.3f} {:>14}".format(
+            r["model"], r["median_ms"], r["p90_ms"], r["latency_ratio"], r["mbytes"], r["size_ratio"],
+            "%.1e" % r["map_max_rel_vs_torch"] if "map_max_rel_vs_torch" in r else "-"))
+    default = next(r for r in rows if r["model"] == "edgead fp16")
+    verdict = {"latency_ratio_le_0.6": default["latency_ratio"] <= 0.6, "size_ratio_le_0.5": default["size_ratio"] <= 0.5,
+               "parity_le_1e-4": default["map_max_rel_vs_torch"] <= 1e-4}
+    print("\nbar (edgead default export = fp16 whitening): " + ", ".join(
+        "{} {}".format(k, "PASS" if v else "FAIL") for k, v in verdict.items()))
+    print("\nORT op-type breakdown (ms per run, profiling on):")
+    for name, ops in breakdown.items():
+        print("  {:<13} ".format(name) + "  ".join("{} {:.2f}".format(k, v) for k, v in list(ops.items())[:6]))
+
+    os.makedirs(args.out, exist_ok=True)
+    payload = {"date": time.strftime("%Y-%m-%d"), "anomalib_version": anomalib["version"], "threads": args.threads,
+               "size": args.size, "rows": rows, "verdict": verdict, "op_breakdown_ms": breakdown,
+               "cpu": _cpu_name()}
+    atomic.write_text(os.path.join(args.out, "vs_anomalib.json"), json.dumps(payload, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[-1].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(os.path.join(args.out, "vs_anomalib.csv"), buffer.getvalue())
+    _plot(rows, breakdown, os.path.join(args.out, "vs_anomalib.png"))
+    print("\nwrote {}/vs_anomalib.{{json,csv,png}}".format(args.out))
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _plot(rows, breakdown, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgead import atomic
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["model"] for r in rows]
+    left.bar(names, [r["median_ms"] for r in rows], yerr=[[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]],
+             color=["#888888", "#1f77b4", "#6baed6"])
+    left.set_ylabel("median latency, ms (ORT CPU, batch 1)")
+    left.set_title("PaDiM ResNet18 256x256")
+    for name, ops in breakdown.items():
+        top = list(ops.items())[:5]
+        right.barh([name + ": " + k for k, _ in top], [v for _, v in top])
+    right.set_xlabel("ms per run by op type (profiling)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+if __name__ == "__main__":
+    main()
