@@ -1,0 +1,122 @@
+"""ONNX Runtime CPU latency and file size across backbones x input sizes x Mahalanobis flavour.
+
+Sizes 224/192/160/128 are the MobileNet resolution multiplier; 256 is the PaDiM default. Bundles are
+fitted on a few generated frames with random weights (statistics do not change latency). The plugin
+flavour runs on CPU with its node swapped for standard ops (``plugin_substitute``), labelled as such.
+
+    python benchmarks/latency_table.py --out bench_out [--backbones ...] [--sizes 256,224,192,160,128]
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+BACKBONES = ["resnet18", "mobilenet_v1_025", "mobilenet_v1_050", "mobilenet_v1_100", "mobilenetv2_100",
+             "mobilenetv3_large_100", "efficientnet_lite0"]
+
+
+def median_latency(path, frame, threads, runs, warmup=5):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    start = time.perf_counter()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - start
+    for _ in range(warmup):
+        session.run(None, {"image": frame})
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {"image": frame})
+        samples.append((time.perf_counter() - start) * 1e3)
+    del session
+    return float(np.median(samples)), float(np.percentile(samples, 90)), load_s
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--sizes", default="256,224,192,160,128")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--include-wrn", action="store_true", help="add wide_resnet50_2 (slow)")
+    parser.add_argument("--quick", action="store_true", help="2 backbones x 2 sizes, 10 runs")
+    args = parser.parse_args()
+    backbones = args.backbones.split(",") + (["wide_resnet50_2"] if args.include_wrn else [])
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        backbones, sizes, args.runs = ["resnet18", "mobilenet_v1_050"], [160, 128], 10
+
+    import onnx
+    from tqdm import tqdm
+
+    from edgead import atomic
+    from edgead.exporters import onnx_export, plugin_substitute
+    from edgead.fit import fit_padim
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in tqdm(backbones, desc="backbones"):
+            for size in sizes:
+                frames = rng.integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
+                bundle = fit_padim([frames], backbone=backbone, weights="random", input_hw=(size, size))
+                for flavour in ("onnx", "plugin"):
+                    path = os.path.join(tmp, "{}_{}_{}.onnx".format(backbone, size, flavour))
+                    model = onnx_export.export_onnx(bundle, path, flavour, "fp16", 1)
+                    file_mb = os.path.getsize(path) / 1e6
+                    run_path = path
+                    if flavour == "plugin":
+                        run_path = path + ".cpu.onnx"
+                        onnx.save(plugin_substitute.substitute_plugin(model), run_path)
+                    median, p90, load_s = median_latency(run_path, frames[:1], args.threads, args.runs)
+                    rows.append({"backbone": backbone, "size": size, "flavour": flavour if flavour == "onnx" else "plugin (CPU substitute)",
+                                 "dim": bundle.config["embedding"]["dim"], "file_mb": round(file_mb, 2),
+                                 "fp32_whitening_mb": round(file_mb + bundle.whitening_packed.numel() * 2 / 1e6, 2),
+                                 "load_s": round(load_s, 3), "median_ms": round(median, 2), "p90_ms": round(p90, 2)})
+    header = "{:<22} {:>5} {:<24} {:>8} {:>9} {:>10} {:>8}".format(
+        "backbone", "size", "flavour", "file MB", "load s", "median ms", "p90 ms")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print("{:<22} {:>5} {:<24} {:>8.1f} {:>9.2f} {:>10.2f} {:>8.2f}".format(
+            r["backbone"], r["size"], r["flavour"], r["file_mb"], r["load_s"], r["median_ms"], r["p90_ms"]))
+    os.makedirs(args.out, exist_ok=True)
+    atomic.write_text(os.path.join(args.out, "latency_table.json"), json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "runs": args.runs, "rows": rows}, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(os.path.join(args.out, "latency_table.csv"), buffer.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for backbone in backbones:
+        pts = [(r["size"], r["median_ms"]) for r in rows if r["backbone"] == backbone and r["flavour"] == "onnx"]
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=backbone)
+    ax.set_xlabel("input size (px)")
+    ax.set_ylabel("median latency, ms (ORT CPU, {} threads, batch 1)".format(args.threads))
+    ax.set_title("edgead PaDiM export, onnx flavour, fp16 whitening")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    atomic.write_bytes(os.path.join(args.out, "latency_table.png"), image.getvalue())
+    print("wrote {}/latency_table.{{json,csv,png}}".format(args.out))
+
+
+if __name__ == "__main__":
+    main()
