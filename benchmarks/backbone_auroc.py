@@ -1,0 +1,104 @@
+"""Image / pixel AUROC and PRO per backbone on the embedded demo dataset.
+
+EfficientNet-Lite0 uses its real offline ImageNet weights. Other backbones use cached ImageNet weights
+when the local timm/torchvision cache has them, else seeded random init, labelled "random init" in
+the table: random-init scores say nothing about the backbone, only that the pipeline runs.
+
+    python benchmarks/backbone_auroc.py --out bench_out [--backbones ...] [--categories brick,grass]
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import time
+
+import numpy as np
+
+BACKBONES = ["efficientnet_lite0", "resnet18", "mobilenet_v1_050", "mobilenetv2_100", "mobilenetv3_large_100"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--data", default=None, help="demo dataset folder (default OUT/demo_data)")
+    parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--categories", default="brick,grass,gravel,coffee")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="1 category, 2 backbones, 128 px, few images")
+    args = parser.parse_args()
+    backbones, categories = args.backbones.split(","), args.categories.split(",")
+    counts = {}
+    if args.quick:
+        backbones, categories, args.size = ["efficientnet_lite0", "resnet18"], ["brick"], 128
+        counts = dict(n_train=12, n_test_good=4, n_defect_per_type=2)
+
+    from edgead import atomic, demo_data
+    from edgead.cli.fit_cmd import fit_bundle
+    from edgead.data import MvtecCategory
+    from edgead.errors import WeightsError
+    from edgead.evaluate import evaluate_category
+
+    data = args.data or os.path.join(args.out, "demo_data" + ("_quick" if args.quick else ""))
+    demo_data.build_demo_dataset(data, categories=categories, size=args.size, progress=False, **counts)
+    rows = []
+    with_tmp = os.path.join(args.out, "backbone_auroc_models")
+    for backbone in backbones:
+        for category in categories:
+            folder = os.path.join(data, category)
+            try:
+                bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "imagenet",
+                                             (args.size, args.size), None, 0, 16, train_threshold=False)
+                weights = bundle.config["backbone"]["weights"]
+            except WeightsError:
+                bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "random",
+                                             (args.size, args.size), None, 0, 16, train_threshold=False)
+                weights = "random init"
+            result = evaluate_category(bundle, MvtecCategory(folder), overlays=False)
+            rows.append({"backbone": backbone, "weights": weights, "category": category,
+                         "image_auroc": round(result["image_auroc"], 4), "pixel_auroc": round(result["pixel_auroc"], 4),
+                         "pro": round(result["pro"], 4), "fit_s": summary["fit_seconds"]})
+    header = "{:<22} {:<44} {:<8} {:>7} {:>7} {:>6}".format("backbone", "weights", "category", "img AU", "pix AU", "PRO")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print("{:<22} {:<44} {:<8} {:>7.3f} {:>7.3f} {:>6.3f}".format(
+            r["backbone"], r["weights"][:44], r["category"], r["image_auroc"], r["pixel_auroc"], r["pro"]))
+    means = {}
+    for backbone in backbones:
+        sel = [r for r in rows if r["backbone"] == backbone]
+        means[backbone] = {k: float(np.mean([r[k] for r in sel])) for k in ("image_auroc", "pixel_auroc", "pro")}
+        print("mean {:<17} image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}  ({})".format(
+            backbone, means[backbone]["image_auroc"], means[backbone]["pixel_auroc"], means[backbone]["pro"], sel[0]["weights"]))
+    os.makedirs(args.out, exist_ok=True)
+    atomic.write_text(os.path.join(args.out, "backbone_auroc.json"),
+                      json.dumps({"date": time.strftime("%Y-%m-%d"), "size": args.size, "rows": rows, "means": means}, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(os.path.join(args.out, "backbone_auroc.csv"), buffer.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(backbones))
+    for k, key in enumerate(("image_auroc", "pixel_auroc", "pro")):
+        ax.bar(x + (k - 1) * 0.27, [means[b][key] for b in backbones], 0.27, label=key)
+    ax.set_xticks(x)
+    ax.set_xticklabels(["{}\n({})".format(b, "random" if "random" in next(r["weights"] for r in rows if r["backbone"] == b)
+                                          else "ImageNet") for b in backbones], fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title("PaDiM on the demo dataset ({} px)".format(args.size))
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    atomic.write_bytes(os.path.join(args.out, "backbone_auroc.png"), image.getvalue())
+    print("wrote {}/backbone_auroc.{{json,csv,png}}".format(args.out))
+
+
+if __name__ == "__main__":
+    main()
