@@ -7,11 +7,7 @@ the table: random-init scores say nothing about the backbone, only that the pipe
     python benchmarks/backbone_auroc.py --out bench_out [--backbones ...] [--categories brick,grass]
 """
 import argparse
-import csv
-import io
-import json
 import os
-import time
 
 import numpy as np
 
@@ -33,7 +29,8 @@ def main():
         backbones, categories, args.size = ["efficientnet_lite0", "resnet18"], ["brick"], 128
         counts = dict(n_train=12, n_test_good=4, n_defect_per_type=2)
 
-    from edgead import atomic, demo_data
+    from _report import pyplot, write_outputs
+    from edgead import demo_data
     from edgead.cli.fit_cmd import fit_bundle
     from edgead.data import MvtecCategory
     from edgead.errors import WeightsError
@@ -69,20 +66,7 @@ def main():
         means[backbone] = {k: float(np.mean([r[k] for r in sel])) for k in ("image_auroc", "pixel_auroc", "pro")}
         print("mean {:<17} image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}  ({})".format(
             backbone, means[backbone]["image_auroc"], means[backbone]["pixel_auroc"], means[backbone]["pro"], sel[0]["weights"]))
-    os.makedirs(args.out, exist_ok=True)
-    atomic.write_text(os.path.join(args.out, "backbone_auroc.json"),
-                      json.dumps({"date": time.strftime("%Y-%m-%d"), "size": args.size, "rows": rows, "means": means}, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(os.path.join(args.out, "backbone_auroc.csv"), buffer.getvalue())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(backbones))
     for k, key in enumerate(("image_auroc", "pixel_auroc", "pro")):
@@ -93,11 +77,7 @@ def main():
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.set_title("PaDiM on the demo dataset ({} px)".format(args.size))
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    atomic.write_bytes(os.path.join(args.out, "backbone_auroc.png"), image.getvalue())
-    print("wrote {}/backbone_auroc.{{json,csv,png}}".format(args.out))
+    write_outputs(args.out, "backbone_auroc", rows, {"size": args.size, "rows": rows, "means": means}, fig)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,10 @@ generated uint8 frames batch by batch through ``edgead.fit.PadimFitter``.
     python benchmarks/fit_scaling.py --out bench_out [--counts 25,50,100,200,400] [--backbone resnet18]
 """
 import argparse
-import csv
-import io
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, resource, sys, time
@@ -61,7 +57,7 @@ def main():
         args.counts, args.size = "8,16,32", 128
     from tqdm import tqdm
 
-    from edgead import atomic
+    from _report import pyplot, write_outputs
 
     rows = [run_one(args, int(c)) for c in tqdm(args.counts.split(","), desc="fits")]
     header = "{:>7} {:>10} {:>12} {:>13} {:>15}".format("images", "fit s", "s / image", "peak RSS MB", "accumulator MB")
@@ -73,37 +69,20 @@ def main():
     growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     print("\npeak RSS grows x{:.3f} while images grow x{:.0f} (flat = streaming statistics)".format(
         growth, rows[-1]["images"] / rows[0]["images"]))
-    os.makedirs(args.out, exist_ok=True)
-    payload = {"date": time.strftime("%Y-%m-%d"), "backbone": args.backbone, "size": args.size, "rows": rows,
-               "peak_rss_growth": growth}
-    atomic.write_text(os.path.join(args.out, "fit_scaling.json"), json.dumps(payload, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(os.path.join(args.out, "fit_scaling.csv"), buffer.getvalue())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     counts = [r["images"] for r in rows]
     ax.plot(counts, [r["peak_rss_mb"] for r in rows], "o-", label="peak RSS (MB)")
     ax.set_xlabel("training images")
     ax.set_ylabel("MB")
+    ax.set_ylim(0, max(r["peak_rss_mb"] for r in rows) * 1.3)
     ax2 = ax.twinx()
     ax2.plot(counts, [r["fit_seconds"] for r in rows], "s--", color="tab:orange", label="fit time (s)")
     ax2.set_ylabel("seconds")
-    ax.set_ylim(0, max(r["peak_rss_mb"] for r in rows) * 1.3)
     fig.legend(loc="upper left")
     ax.set_title("PaDiM fit: {} {}x{}".format(args.backbone, args.size, args.size))
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    atomic.write_bytes(os.path.join(args.out, "fit_scaling.png"), image.getvalue())
-    print("wrote {}/fit_scaling.{{json,csv,png}}".format(args.out))
+    write_outputs(args.out, "fit_scaling", rows, {"backbone": args.backbone, "size": args.size, "rows": rows,
+                                                  "peak_rss_growth": growth}, fig)
 
 
 if __name__ == "__main__":

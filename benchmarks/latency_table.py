@@ -7,9 +7,6 @@ flavour runs on CPU with its node swapped for standard ops (``plugin_substitute`
     python benchmarks/latency_table.py --out bench_out [--backbones ...] [--sizes 256,224,192,160,128]
 """
 import argparse
-import csv
-import io
-import json
 import os
 import tempfile
 import time
@@ -58,7 +55,7 @@ def main():
     import onnx
     from tqdm import tqdm
 
-    from edgead import atomic
+    from _report import pyplot, write_outputs
     from edgead.exporters import onnx_export, plugin_substitute
     from edgead.fit import fit_padim
 
@@ -88,34 +85,16 @@ def main():
     for r in rows:
         print("{:<22} {:>5} {:<24} {:>8.1f} {:>9.2f} {:>10.2f} {:>8.2f}".format(
             r["backbone"], r["size"], r["flavour"], r["file_mb"], r["load_s"], r["median_ms"], r["p90_ms"]))
-    os.makedirs(args.out, exist_ok=True)
-    atomic.write_text(os.path.join(args.out, "latency_table.json"), json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "runs": args.runs, "rows": rows}, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(os.path.join(args.out, "latency_table.csv"), buffer.getvalue())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for backbone in backbones:
-        pts = [(r["size"], r["median_ms"]) for r in rows if r["backbone"] == backbone and r["flavour"] == "onnx"]
-        pts.sort()
+        pts = sorted((r["size"], r["median_ms"]) for r in rows if r["backbone"] == backbone and r["flavour"] == "onnx")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=backbone)
     ax.set_xlabel("input size (px)")
     ax.set_ylabel("median latency, ms (ORT CPU, {} threads, batch 1)".format(args.threads))
     ax.set_title("edgead PaDiM export, onnx flavour, fp16 whitening")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    atomic.write_bytes(os.path.join(args.out, "latency_table.png"), image.getvalue())
-    print("wrote {}/latency_table.{{json,csv,png}}".format(args.out))
+    write_outputs(args.out, "latency_table", rows, {"threads": args.threads, "runs": args.runs, "rows": rows}, fig)
 
 
 if __name__ == "__main__":

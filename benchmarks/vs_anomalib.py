@@ -11,8 +11,6 @@ and a per-op-type breakdown from ORT profiling.
 """
 import argparse
 import collections
-import csv
-import io
 import json
 import os
 import subprocess
@@ -25,6 +23,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _anomalib_export import synthetic_frames  # noqa: E402
+from _report import pyplot, write_outputs  # noqa: E402
 
 
 def _session(path, threads, profile_prefix=None):
@@ -109,7 +108,6 @@ def main():
     if args.quick:
         args.rounds, args.block = 2, 5
 
-    from edgead import atomic
     from edgead.exporters import compare as cmp
     from edgead.exporters.onnx_export import export_onnx
     from edgead.fit import fit_padim
@@ -169,18 +167,9 @@ def main():
     for name, ops in breakdown.items():
         print("  {:<13} ".format(name) + "  ".join("{} {:.2f}".format(k, v) for k, v in list(ops.items())[:6]))
 
-    os.makedirs(args.out, exist_ok=True)
-    payload = {"date": time.strftime("%Y-%m-%d"), "anomalib_version": anomalib["version"], "threads": args.threads,
-               "size": args.size, "rows": rows, "verdict": verdict, "op_breakdown_ms": breakdown,
-               "cpu": _cpu_name()}
-    atomic.write_text(os.path.join(args.out, "vs_anomalib.json"), json.dumps(payload, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[-1].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(os.path.join(args.out, "vs_anomalib.csv"), buffer.getvalue())
-    _plot(rows, breakdown, os.path.join(args.out, "vs_anomalib.png"))
-    print("\nwrote {}/vs_anomalib.{{json,csv,png}}".format(args.out))
+    payload = {"anomalib_version": anomalib["version"], "threads": args.threads, "size": args.size, "rows": rows,
+               "verdict": verdict, "op_breakdown_ms": breakdown, "cpu": _cpu_name()}
+    write_outputs(args.out, "vs_anomalib", rows, payload, _plot(rows, breakdown))
 
 
 def _cpu_name():
@@ -193,28 +182,18 @@ def _cpu_name():
     return "unknown"
 
 
-def _plot(rows, breakdown, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from edgead import atomic
-
+def _plot(rows, breakdown):
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r["model"] for r in rows]
-    left.bar(names, [r["median_ms"] for r in rows], yerr=[[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]],
-             color=["#888888", "#1f77b4", "#6baed6"])
+    left.bar([r["model"] for r in rows], [r["median_ms"] for r in rows],
+             yerr=[[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]], color=["#888888", "#1f77b4", "#6baed6"])
     left.set_ylabel("median latency, ms (ORT CPU, batch 1)")
     left.set_title("PaDiM ResNet18 256x256")
     for name, ops in breakdown.items():
         top = list(ops.items())[:5]
         right.barh([name + ": " + k for k, _ in top], [v for _, v in top])
     right.set_xlabel("ms per run by op type (profiling)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic.write_bytes(path, buffer.getvalue())
+    return fig
 
 
 if __name__ == "__main__":

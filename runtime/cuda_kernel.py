@@ -11,31 +11,20 @@ The library is searched in: the ``path`` argument, ``$EDGEAD_KERNEL_LIB``, ``cpp
 ``build/cuda/`` (``make cuda-check``), then the system loader path.
 """
 import ctypes
-import ctypes.util
 import os
 
 from edgead.errors import BackendError
+from edgead.runtime import native_lib
 
 LIBRARY_NAME = "libedgead_kernels.so"
 ENV_VAR = "EDGEAD_KERNEL_LIB"
 ABI_VERSION = 1
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _cache = {}
 
 
 def candidate_paths(path=None):
     """Ordered list of places to look for the kernel library (explicit path first)."""
-    if path:
-        return [os.fspath(path)]
-    found = []
-    if os.environ.get(ENV_VAR):
-        found.append(os.environ[ENV_VAR])
-    for folder in ("cpp_bindings/build", "build/cuda", "build"):
-        found.append(os.path.join(_REPO_ROOT, folder, LIBRARY_NAME))
-    system = ctypes.util.find_library("edgead_kernels")
-    if system:
-        found.append(system)
-    return found
+    return native_lib.candidate_paths(LIBRARY_NAME, ENV_VAR, ("cpp_bindings/build", "build/cuda", "build"), path)
 
 
 def load_library(path=None):

@@ -6,32 +6,21 @@ argument, ``$EDGEAD_PLUGIN_LIB``, ``cpp_bindings/build/``, ``build/``, then the 
 Torch-free; never imports tensorrt itself (``is_registered`` takes the module).
 """
 import ctypes
-import ctypes.util
 import os
 
 from edgead.errors import BackendError
+from edgead.runtime import native_lib
 
 LIBRARY_NAME = "libedgead_plugins.so"
 ENV_VAR = "EDGEAD_PLUGIN_LIB"
 PLUGIN_NAME = "PadimMahalanobis"
 PLUGIN_VERSION = "1"
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _loaded = {}
 
 
 def candidate_paths(path=None):
     """Ordered places to look for the plugin library (explicit path only, when given)."""
-    if path:
-        return [os.fspath(path)]
-    found = []
-    if os.environ.get(ENV_VAR):
-        found.append(os.environ[ENV_VAR])
-    for folder in ("cpp_bindings/build", "build"):
-        found.append(os.path.join(_REPO_ROOT, folder, LIBRARY_NAME))
-    system = ctypes.util.find_library("edgead_plugins")
-    if system:
-        found.append(system)
-    return found
+    return native_lib.candidate_paths(LIBRARY_NAME, ENV_VAR, ("cpp_bindings/build", "build"), path)
 
 
 def find_plugin_library(path=None):
