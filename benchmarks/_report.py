@@ -14,7 +14,8 @@ def write_outputs(out_dir, name, rows, payload, figure):
     atomic.write_text(os.path.join(out_dir, name + ".json"),
                       json.dumps(dict({"date": time.strftime("%Y-%m-%d")}, **payload), indent=2) + "\n")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
     atomic.write_text(os.path.join(out_dir, name + ".csv"), buffer.getvalue())
