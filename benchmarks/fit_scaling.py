@@ -79,7 +79,7 @@ def main():
     ax2 = ax.twinx()
     ax2.plot(counts, [r["fit_seconds"] for r in rows], "s--", color="tab:orange", label="fit time (s)")
     ax2.set_ylabel("seconds")
-    fig.legend(loc="upper left")
+    fig.legend(loc="center right")
     ax.set_title("PaDiM fit: {} {}x{}".format(args.backbone, args.size, args.size))
     write_outputs(args.out, "fit_scaling", rows, {"backbone": args.backbone, "size": args.size, "rows": rows,
                                                   "peak_rss_growth": growth}, fig)
