@@ -88,21 +88,6 @@ def _to_uint8(img):
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _resize(img, size, resize):
-    h, w = size
-    if img.shape[:2] == (h, w):
-        return img
-    if resize == "nearest":
-        interp = cv2.INTER_NEAREST
-    elif resize == "bilinear":
-        interp = cv2.INTER_LINEAR
-    elif h <= img.shape[0] and w <= img.shape[1]:
-        interp = cv2.INTER_AREA  # "area": downscale
-    else:
-        interp = cv2.INTER_LINEAR  # "area" mode, upscale in at least one axis
-    return cv2.resize(img, (w, h), interpolation=interp)
-
-
 def read_image(path, size=None, resize="area"):
     """Read one image as RGB.
 
@@ -136,7 +121,10 @@ def read_image(path, size=None, resize="area"):
     else:
         raise DataError("%s: unsupported image layout %s" % (os.fspath(path), img.shape))
     if size is not None:
-        img = _resize(img, size, resize)
+        # One resize rule for training, evaluation and the device runtime.
+        from edgead.runtime.pipeline import resize_frame
+
+        img = resize_frame(img, size, resize)
     return np.ascontiguousarray(img)
 
 
