@@ -8,6 +8,7 @@
   timm / torchvision / lukemelas key names, optional ``module.`` / ``model.`` prefixes.
 - ``"random"``: seeded random init, for tests and smoke runs only (prints a loud warning).
 """
+import contextlib
 import os
 import sys
 
@@ -120,14 +121,31 @@ def _cached_imagenet_state(spec):
             return _read_state_dict(path), path
     if spec.alpha is not None and spec.alpha != 1.0:
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import timm
 
-        full = timm.create_model(spec.timm_name, pretrained=True)
+        with _hub_offline():
+            full = timm.create_model(spec.timm_name, pretrained=True)
     except Exception:
         return None
     return full.state_dict(), "timm cache ({})".format(spec.timm_name)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face Hub offline mode for the duration of the block (cache only, no network retries).
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once at import, and timm has usually imported it by now,
+    so the module constant is switched too and restored afterwards.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    previous = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
 
 
 def load_backbone(name, weights="imagenet", seed=0):

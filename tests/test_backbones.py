@@ -111,3 +111,20 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"conv1.weight": Payload()}, path)
     with pytest.raises(WeightsError, match="evil.pth"):
         load_backbone("resnet18", str(path))
+
+
+def test_uncached_imagenet_weights_fail_fast_without_network(monkeypatch, tmp_path):
+    """No cache -> a clear WeightsError at once (Hub offline mode), not minutes of network retries."""
+    import time
+
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    offline_before = hub_constants.HF_HUB_OFFLINE
+    start = time.perf_counter()
+    with pytest.raises(WeightsError, match="no cached ImageNet weights for mobilenetv2_100"):
+        load_backbone("mobilenetv2_100", "imagenet")
+    assert time.perf_counter() - start < 10
+    assert hub_constants.HF_HUB_OFFLINE == offline_before  # the user's setting is restored
