@@ -11,6 +11,13 @@ import os
 
 import numpy as np
 
+# Offline only: without this, huggingface_hub (imported by timm before edgead.weights sets the flag)
+# retries the network for ~45 s per backbone that has no cached ImageNet weights.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RANDOM_NOTE = ("NOTE: rows marked 'random init' use a seeded random backbone (no cached ImageNet weights here). "
+               "Their AUROC/PRO only show that the pipeline runs; they are NOT a comparison of backbones.")
+
 BACKBONES = ["efficientnet_lite0", "resnet18", "mobilenet_v1_050", "mobilenetv2_100", "mobilenetv3_large_100"]
 
 
@@ -41,13 +48,18 @@ def main():
     rows = []
     with_tmp = os.path.join(args.out, "backbone_auroc_models")
     for backbone in backbones:
+        use_random = False  # decided once per backbone: ImageNet if cached, else random init
         for category in categories:
             folder = os.path.join(data, category)
-            try:
-                bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "imagenet",
-                                             (args.size, args.size), None, 0, 16, train_threshold=False)
-                weights = bundle.config["backbone"]["weights"]
-            except WeightsError:
+            bundle = None
+            if not use_random:
+                try:
+                    bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "imagenet",
+                                                 (args.size, args.size), None, 0, 16, train_threshold=False)
+                    weights = bundle.config["backbone"]["weights"]
+                except WeightsError:
+                    use_random = True
+            if use_random:
                 bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "random",
                                              (args.size, args.size), None, 0, 16, train_threshold=False)
                 weights = "random init"
@@ -66,6 +78,9 @@ def main():
         means[backbone] = {k: float(np.mean([r[k] for r in sel])) for k in ("image_auroc", "pixel_auroc", "pro")}
         print("mean {:<17} image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}  ({})".format(
             backbone, means[backbone]["image_auroc"], means[backbone]["pixel_auroc"], means[backbone]["pro"], sel[0]["weights"]))
+    any_random = any(r["weights"] == "random init" for r in rows)
+    if any_random:
+        print("\n" + RANDOM_NOTE)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(backbones))
@@ -76,8 +91,10 @@ def main():
                                           else "ImageNet") for b in backbones], fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
-    ax.set_title("PaDiM on the demo dataset ({} px)".format(args.size))
-    write_outputs(args.out, "backbone_auroc", rows, {"size": args.size, "rows": rows, "means": means}, fig)
+    ax.set_title("PaDiM on the demo dataset ({} px){}".format(
+        args.size, "\n'random' = random-init backbone: not a backbone comparison" if any_random else ""), fontsize=9)
+    write_outputs(args.out, "backbone_auroc", rows, {"size": args.size, "categories": categories, "rows": rows,
+                                                     "means": means, "note": RANDOM_NOTE if any_random else None}, fig)
 
 
 if __name__ == "__main__":

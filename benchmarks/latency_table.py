@@ -23,6 +23,7 @@ def median_latency(path, frame, threads, runs, warmup=5):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     start = time.perf_counter()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - start
@@ -37,15 +38,22 @@ def median_latency(path, frame, threads, runs, warmup=5):
     return float(np.median(samples)), float(np.percentile(samples, 90)), load_s
 
 
+def ort_version():
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--backbones", default=",".join(BACKBONES))
     parser.add_argument("--sizes", default="256,224,192,160,128")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per model (after 5 warm-ups)")
+    parser.add_argument("--precisions", default="fp16,fp32", help="whitening storage precisions to export and time")
     parser.add_argument("--include-wrn", action="store_true", help="add wide_resnet50_2 (slow)")
-    parser.add_argument("--quick", action="store_true", help="2 backbones x 2 sizes, 10 runs")
+    parser.add_argument("--quick", action="store_true", help="2 backbones x 2 sizes, 10 runs (timings too short to trust)")
     args = parser.parse_args()
     backbones = args.backbones.split(",") + (["wide_resnet50_2"] if args.include_wrn else [])
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -59,42 +67,55 @@ def main():
     from edgead.exporters import onnx_export, plugin_substitute
     from edgead.fit import fit_padim
 
+    precisions = args.precisions.split(",")
     rng = np.random.default_rng(0)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for backbone in tqdm(backbones, desc="backbones"):
-            for size in sizes:
-                frames = rng.integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
-                bundle = fit_padim([frames], backbone=backbone, weights="random", input_hw=(size, size))
-                for flavour in ("onnx", "plugin"):
-                    path = os.path.join(tmp, "{}_{}_{}.onnx".format(backbone, size, flavour))
-                    model = onnx_export.export_onnx(bundle, path, flavour, "fp16", 1)
+    jobs = [(b, s) for b in backbones for s in sizes]
+    with tempfile.TemporaryDirectory(prefix="edgead_latency_") as tmp:
+        for backbone, size in tqdm(jobs, desc="backbone x size"):
+            frames = rng.integers(0, 256, size=(4, size, size, 3), dtype=np.uint8)
+            bundle = fit_padim([frames], backbone=backbone, weights="random", input_hw=(size, size))
+            for flavour in ("onnx", "plugin"):
+                for precision in precisions:
+                    path = os.path.join(tmp, "{}_{}_{}_{}.onnx".format(backbone, size, flavour, precision))
+                    model = onnx_export.export_onnx(bundle, path, flavour, precision, 1)
                     file_mb = os.path.getsize(path) / 1e6
                     run_path = path
-                    if flavour == "plugin":
+                    if flavour == "plugin":  # no TensorRT plugin on a CPU: time its standard-op substitute
                         run_path = path + ".cpu.onnx"
                         onnx.save(plugin_substitute.substitute_plugin(model), run_path)
                     median, p90, load_s = median_latency(run_path, frames[:1], args.threads, args.runs)
-                    rows.append({"backbone": backbone, "size": size, "flavour": flavour if flavour == "onnx" else "plugin (CPU substitute)",
-                                 "dim": bundle.config["embedding"]["dim"], "file_mb": round(file_mb, 2),
-                                 "fp32_whitening_mb": round(file_mb + bundle.whitening_packed.numel() * 2 / 1e6, 2),
-                                 "load_s": round(load_s, 3), "median_ms": round(median, 2), "p90_ms": round(p90, 2)})
-    header = "{:<22} {:>5} {:<24} {:>8} {:>9} {:>10} {:>8}".format(
-        "backbone", "size", "flavour", "file MB", "load s", "median ms", "p90 ms")
+                    rows.append({"backbone": backbone, "size": size,
+                                 "flavour": flavour if flavour == "onnx" else "plugin (CPU substitute)",
+                                 "precision": precision, "dim": bundle.config["embedding"]["dim"],
+                                 "file_mb": round(file_mb, 2), "load_s": round(load_s, 3),
+                                 "median_ms": round(median, 2), "p90_ms": round(p90, 2), "runs": args.runs})
+                    os.remove(path)
+                    if run_path != path:
+                        os.remove(run_path)
+    header = "{:<22} {:>5} {:<24} {:<5} {:>8} {:>7} {:>10} {:>8}".format(
+        "backbone", "size", "flavour", "W", "file MB", "load s", "median ms", "p90 ms")
+    print("ORT {} CPU, batch 1, {} intra-op threads, sequential, median/p90 of {} runs after 5 warm-ups; "
+          "random-init weights (latency does not depend on them)".format(ort_version(), args.threads, args.runs))
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        print("{:<22} {:>5} {:<24} {:>8.1f} {:>9.2f} {:>10.2f} {:>8.2f}".format(
-            r["backbone"], r["size"], r["flavour"], r["file_mb"], r["load_s"], r["median_ms"], r["p90_ms"]))
+        print("{:<22} {:>5} {:<24} {:<5} {:>8.1f} {:>7.2f} {:>10.2f} {:>8.2f}".format(
+            r["backbone"], r["size"], r["flavour"], r["precision"], r["file_mb"], r["load_s"], r["median_ms"], r["p90_ms"]))
+    print("plugin rows: the PadimMahalanobis node replaced by standard ops (plugin_substitute) to run on a CPU; "
+          "they time the plugin graph's surroundings, not the TensorRT plugin.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ref = precisions[0]
     for backbone in backbones:
-        pts = sorted((r["size"], r["median_ms"]) for r in rows if r["backbone"] == backbone and r["flavour"] == "onnx")
+        pts = sorted((r["size"], r["median_ms"]) for r in rows
+                     if r["backbone"] == backbone and r["flavour"] == "onnx" and r["precision"] == ref)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=backbone)
     ax.set_xlabel("input size (px)")
     ax.set_ylabel("median latency, ms (ORT CPU, {} threads, batch 1)".format(args.threads))
-    ax.set_title("edgead PaDiM export, onnx flavour, fp16 whitening")
+    ax.set_title("edgead PaDiM export, onnx flavour, {} whitening".format(ref))
     ax.legend(fontsize=8)
-    write_outputs(args.out, "latency_table", rows, {"threads": args.threads, "runs": args.runs, "rows": rows}, fig)
+    write_outputs(args.out, "latency_table", rows, {"threads": args.threads, "runs": args.runs, "onnxruntime": ort_version(),
+                                                     "rows": rows}, fig)
 
 
 if __name__ == "__main__":

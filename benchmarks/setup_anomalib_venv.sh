@@ -3,7 +3,9 @@
 # through a .pth file (so nothing is downloaded twice and our .venv is never modified).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv-anomalib/bin/python ] && .venv-anomalib/bin/python -c "import anomalib" 2>/dev/null && exit 0
+# Idempotent: nothing to do when the venv already has anomalib 2.7.0.
+[ -x .venv-anomalib/bin/python ] && .venv-anomalib/bin/python -c "import anomalib, sys; sys.exit(anomalib.__version__ != '2.7.0')" 2>/dev/null && exit 0
+[ -x .venv/bin/python ] || { echo "no .venv: run 'make install' first" >&2; exit 2; }
 python3 -m venv .venv-anomalib
 base=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 site=$(.venv-anomalib/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

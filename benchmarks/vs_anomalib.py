@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 
@@ -59,8 +60,11 @@ def time_interleaved(sessions, feeds, rounds, block, warm=3):
     from tqdm import tqdm
 
     samples = {name: [] for name in sessions}
-    for _ in tqdm(range(rounds), desc="timing", leave=False):
-        for name, session in sessions.items():
+    names = list(sessions)
+    for round_index in tqdm(range(rounds), desc="timing (interleaved rounds)", leave=False):
+        order = names[round_index % len(names):] + names[:round_index % len(names)]  # rotate: no fixed position
+        for name in order:
+            session = sessions[name]
             for i in range(block + warm):
                 start = time.perf_counter()
                 session.run(None, feeds[name])
@@ -70,18 +74,42 @@ def time_interleaved(sessions, feeds, rounds, block, warm=3):
             for name, v in samples.items()}
 
 
+CONV_OPS = ("Conv", "FusedConv", "NchwcConv")
+
+
+def _stage(op, shapes):
+    """Pipeline stage of one profiled kernel, from its op type and input shapes (works for both graphs)."""
+    if op in CONV_OPS:
+        weight = list(shapes[1].values())[0] if len(shapes) > 1 else []
+        return "blur (Conv, kernel >= 9)" if len(weight) == 4 and max(weight[2:]) >= 9 else "backbone Conv"
+    if op in ("MatMul", "Gemm", "Einsum"):
+        return "Mahalanobis MatMul"
+    if op == "Resize":
+        return "Resize (embedding + map upsample)"
+    return "other ops"
+
+
 def op_breakdown(path, feed, threads, runs=20):
-    """Mean ms per run by ONNX op type (ORT profiling), sorted descending."""
+    """Mean ms per run by ONNX op type and by stage (ORT profiling), each sorted descending."""
     with tempfile.TemporaryDirectory() as tmp:
         session = _session(path, threads, os.path.join(tmp, "prof"))
-        for _ in range(runs):
+        for _ in range(runs + 3):  # the first 3 are warm-up; their events are dropped below
             session.run(None, feed)
-        events = json.load(open(session.end_profiling()))
-    totals = collections.defaultdict(float)
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            totals[event["args"]["op_name"]] += event["dur"] / runs / 1000.0
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        with open(session.end_profiling()) as handle:
+            events = json.load(handle)
+    node_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(node_events) // (runs + 3)
+    node_events = node_events[-per_run * runs:]  # the timed runs only (every run logs the same kernels)
+    by_op, by_stage = collections.defaultdict(float), collections.defaultdict(float)
+    for event in node_events:
+        ms = event["dur"] / runs / 1000.0
+        op = event["args"]["op_name"]
+        by_op[op] += ms
+        by_stage[_stage(op, event["args"].get("input_type_shape", []))] += ms
+
+    def ordered(d):
+        return {k: round(v, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+    return {"by_op": ordered(by_op), "by_stage": ordered(by_stage)}
 
 
 def export_anomalib(python, folder, n_train, seed, size):
@@ -96,23 +124,39 @@ def export_anomalib(python, folder, n_train, seed, size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--anomalib-python", default=os.environ.get("EDGEAD_ANOMALIB_PYTHON", ".venv-anomalib/bin/python"))
+    parser.add_argument("--anomalib-python", default=os.environ.get(
+        "EDGEAD_ANOMALIB_PYTHON", os.path.join(os.path.dirname(HERE), ".venv-anomalib", "bin", "python")),
+        help="python of the anomalib 2.7 venv (benchmarks/setup_anomalib_venv.sh; env EDGEAD_ANOMALIB_PYTHON)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", type=int, default=16, help="training frames for both fits")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--block", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (runs per model = rounds x block)")
+    parser.add_argument("--block", type=int, default=15, help="timed runs per model per round (after 3 dropped)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder with both .onnx files")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 5 runs: checks the pipeline, timings not meaningful")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.block = 2, 5
 
+    if not os.path.exists(args.anomalib_python):
+        sys.exit("no anomalib venv at {}: run `bash benchmarks/setup_anomalib_venv.sh` (or pass --anomalib-python)".format(
+            args.anomalib_python))
+    work = tempfile.mkdtemp(prefix="edgead_vs_anomalib_")
+    try:
+        _run(args, work)
+    finally:
+        if args.keep:
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work):
     from edgead.exporters import compare as cmp
     from edgead.exporters.onnx_export import export_onnx
     from edgead.fit import fit_padim
 
-    work = tempfile.mkdtemp(prefix="edgead_vs_anomalib_")
     anomalib = export_anomalib(args.anomalib_python, os.path.join(work, "anomalib"), args.train, args.seed, args.size)
     frames = synthetic_frames(args.train, args.size, args.seed)
     bundle = fit_padim([frames[i:i + 8] for i in range(0, args.train, 8)], backbone="resnet18", weights="random",
@@ -133,7 +177,8 @@ def main():
         feeds[name] = {"image": test[:1]}
     timing = time_interleaved(sessions, feeds, args.rounds, args.block)
 
-    ref_maps, ref_scores = cmp.torch_outputs(bundle, test)
+    ref_maps, ref_scores = cmp.torch_outputs(bundle, test)  # torch, fp32 whitening
+    same_precision = {"fp16": cmp.torch_outputs(bundle, test, "fp16"), "fp32": (ref_maps, ref_scores)}
     rows = []
     base = timing["anomalib 2.7"]["median_ms"]
     base_bytes = _model_bytes(anomalib["onnx"])
@@ -147,29 +192,46 @@ def main():
             scores = np.concatenate([o[1] for o in outs])
             row["map_max_rel_vs_torch"] = float(np.abs(maps - ref_maps).max() / np.abs(ref_maps).max())
             row["score_max_rel_vs_torch"] = float(np.abs(scores - ref_scores).max() / np.abs(ref_scores).max())
+            sp_maps = same_precision[name.split()[-1]][0]  # torch with the whitening rounded like the export
+            row["map_max_rel_vs_torch_same_precision"] = float(np.abs(maps - sp_maps).max() / np.abs(sp_maps).max())
         rows.append(row)
     breakdown = {"anomalib 2.7": op_breakdown(anomalib["onnx"], feeds["anomalib 2.7"], args.threads),
                  "edgead fp16": op_breakdown(ours["edgead fp16"], feeds["edgead fp16"], args.threads)}
 
-    header = "{:<14} {:>10} {:>8} {:>8} {:>9} {:>8} {:>14}".format(
-        "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "map rel err")
+    runs = timing["anomalib 2.7"]["runs"]
+    print("PaDiM ResNet18 {0}x{0}, batch 1, ORT {1} CPU, {2} threads, {3} timed runs per model in {4} interleaved "
+          "rounds; {5}".format(args.size, _ort_version(), args.threads, runs, args.rounds, _cpu_name()))
+    header = "{:<14} {:>10} {:>8} {:>8} {:>9} {:>8} {:>14} {:>14}".format(
+        "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "map rel err", "same-W rel err")
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        print("{:<14} {:>10.2f} {:>8.2f} {:>8.3f} {:>9.1f} {:>8.3f} {:>14}".format(
+        print("{:<14} {:>10.2f} {:>8.2f} {:>8.3f} {:>9.1f} {:>8.3f} {:>14} {:>14}".format(
             r["model"], r["median_ms"], r["p90_ms"], r["latency_ratio"], r["mbytes"], r["size_ratio"],
-            "%.1e" % r["map_max_rel_vs_torch"] if "map_max_rel_vs_torch" in r else "-"))
+            "%.1e" % r["map_max_rel_vs_torch"] if "map_max_rel_vs_torch" in r else "-",
+            "%.1e" % r["map_max_rel_vs_torch_same_precision"] if "map_max_rel_vs_torch" in r else "-"))
+    print("map rel err: max |onnx - torch| / max |torch| over {} frames, torch with fp32 whitening; "
+          "same-W: torch with the whitening rounded to the export's precision".format(len(test)))
     default = next(r for r in rows if r["model"] == "edgead fp16")
     verdict = {"latency_ratio_le_0.6": default["latency_ratio"] <= 0.6, "size_ratio_le_0.5": default["size_ratio"] <= 0.5,
                "parity_le_1e-4": default["map_max_rel_vs_torch"] <= 1e-4}
     print("\nbar (edgead default export = fp16 whitening): " + ", ".join(
         "{} {}".format(k, "PASS" if v else "FAIL") for k, v in verdict.items()))
-    print("\nORT op-type breakdown (ms per run, profiling on):")
-    for name, ops in breakdown.items():
-        print("  {:<13} ".format(name) + "  ".join("{} {:.2f}".format(k, v) for k, v in list(ops.items())[:6]))
+    print("\nwhere the time goes (ORT profiling on, 20 runs: wall ms per run of each node kernel, summed by stage / op type):")
+    for name, parts in breakdown.items():
+        print("  {:<13} by stage: ".format(name) + "  ".join("{} {:.2f}".format(k, v) for k, v in parts["by_stage"].items()))
+        print("  {:<13} by op:    ".format("") + "  ".join("{} {:.2f}".format(k, v) for k, v in list(parts["by_op"].items())[:7]))
 
     payload = {"anomalib_version": anomalib["version"], "threads": args.threads, "size": args.size, "rows": rows,
-               "verdict": verdict, "op_breakdown_ms": breakdown, "cpu": _cpu_name()}
+               "verdict": verdict, "op_breakdown_ms": breakdown, "cpu": _cpu_name(),
+               "onnxruntime": _ort_version(), "runs_per_model": runs, "rounds": args.rounds, "train_frames": args.train,
+               "anomalib_export": "anomalib.models.Padim(...).to_onnx(root, input_size=(H, W)) (torch.onnx dynamo, opset 14)"}
     write_outputs(args.out, "vs_anomalib", rows, payload, _plot(rows, breakdown))
+
+
+def _ort_version():
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _cpu_name():
@@ -189,10 +251,10 @@ def _plot(rows, breakdown):
              yerr=[[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]], color=["#888888", "#1f77b4", "#6baed6"])
     left.set_ylabel("median latency, ms (ORT CPU, batch 1)")
     left.set_title("PaDiM ResNet18 256x256")
-    for name, ops in breakdown.items():
-        top = list(ops.items())[:5]
+    for name, parts in breakdown.items():
+        top = list(parts["by_stage"].items())
         right.barh([name + ": " + k for k, _ in top], [v for _, v in top])
-    right.set_xlabel("ms per run by op type (profiling)")
+    right.set_xlabel("ms per run by stage (ORT profiling)")
     return fig
 
 
