@@ -42,6 +42,13 @@ std::string parseFields(PluginFieldCollection const* fc, PadimParams& params) {
     return std::string();
 }
 
+//! parseFields for both creators: logs the problem and returns false when the fields are unusable.
+bool parseFieldsOrLog(PluginFieldCollection const* fc, PadimParams& params) {
+    std::string const problem = parseFields(fc, params);
+    if (!problem.empty()) logError(problem.c_str());
+    return problem.empty();
+}
+
 //! Shape check of (embedding [N, D, P], mean [P, D], whitening [P, T]); -1 (dynamic) entries pass.
 std::string shapeProblem(Dims const& x, Dims const& mean, Dims const& w, PadimParams const& p) {
     auto match = [](int64_t actual, int64_t expected) { return actual < 0 || actual == expected; };
@@ -197,11 +204,7 @@ IPluginV3* PadimMahalanobisPluginCreator::createPlugin(char const*, PluginFieldC
                                                        TensorRTPhase) noexcept {
     try {
         PadimParams params;
-        std::string const problem = parseFields(fc, params);
-        if (!problem.empty()) {
-            logError(problem.c_str());
-            return nullptr;
-        }
+        if (!parseFieldsOrLog(fc, params)) return nullptr;
         return new PadimMahalanobisPlugin(params);
     } catch (std::exception const& e) {
         logError(e.what());
@@ -297,11 +300,7 @@ PluginFieldCollection const* PadimMahalanobisPluginCreator::getFieldNames() noex
 IPluginV2* PadimMahalanobisPluginCreator::createPlugin(char const*, PluginFieldCollection const* fc) noexcept {
     try {
         PadimParams params;
-        std::string const problem = parseFields(fc, params);
-        if (!problem.empty()) {
-            logError(problem.c_str());
-            return nullptr;
-        }
+        if (!parseFieldsOrLog(fc, params)) return nullptr;
         auto* plugin = new PadimMahalanobisPlugin(params);
         plugin->setPluginNamespace(mNamespace.c_str());
         return plugin;
