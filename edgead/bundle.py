@@ -61,7 +61,7 @@ class PadimBundle:
         cfg = self.config
         head = PadimHead(
             self.mean, self.whitening_packed, (cfg["input"]["height"], cfg["input"]["width"]),
-            cfg["postprocess"]["blur_sigma"],
+            cfg["postprocess"]["blur_sigma"], cfg["embedding"]["grid"],
         )
         return PadimModel(self.frame_embedding(), head).eval()
 

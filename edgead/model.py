@@ -4,7 +4,6 @@ This is the workstation inference path (eval, compare) and the source of the exp
 front end; its head is mirrored op-for-op by ``edgead.exporters.onnx_head``.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgead import blur, padim
@@ -14,20 +13,18 @@ from edgead.embedding import FrameEmbedding
 class PadimHead(nn.Module):
     """embedding ``[N, D, h, w]`` -> (anomaly_map ``[N, 1, H, W]`` float32, score ``[N]`` float32)."""
 
-    def __init__(self, mean, whitening_packed, output_hw, blur_sigma):
+    def __init__(self, mean, whitening_packed, output_hw, blur_sigma, grid_hw):
         super().__init__()
         self.register_buffer("mean", mean.to(torch.float32), persistent=False)
         self.register_buffer(
             "whitening", padim.dense_whitening(whitening_packed.to(torch.float32)), persistent=False
         )
         self.output_hw = tuple(int(v) for v in output_hw)
-        radius = blur.blur_radius(blur_sigma)
-        taps = torch.from_numpy(blur.gaussian_kernel1d(blur_sigma, radius)).to(torch.float32)
-        self.register_buffer("taps_x", taps.view(1, 1, 1, -1), persistent=False)
-        self.register_buffer("taps_y", taps.view(1, 1, -1, 1), persistent=False)
-        height, width = self.output_hw
-        self.register_buffer("pad_y", torch.from_numpy(blur.reflect_pad_index(height, radius)), persistent=False)
-        self.register_buffer("pad_x", torch.from_numpy(blur.reflect_pad_index(width, radius)), persistent=False)
+        self.grid_hw = tuple(int(v) for v in grid_hw)
+        (height, width), (grid_h, grid_w) = self.output_hw, self.grid_hw
+        # upsample + blur per axis as one matrix (edgead.blur): map = rows_op @ grid @ cols_op_t
+        self.register_buffer("rows_op", _float32(blur.upsample_blur_matrix(height, grid_h, blur_sigma)), persistent=False)
+        self.register_buffer("cols_op_t", _float32(blur.upsample_blur_matrix(width, grid_w, blur_sigma).T), persistent=False)
 
     def distance_map(self, embedding):
         """``[N, D, h, w]`` -> Mahalanobis distance ``[N, 1, h, w]``."""
@@ -35,16 +32,17 @@ class PadimHead(nn.Module):
         dist = padim.mahalanobis(embedding.reshape(batch, dim, -1), self.mean, self.whitening)
         return dist.reshape(batch, 1, height, width)
 
-    def blur(self, amap):
-        """Separable Gaussian blur with scipy-reflect borders: ``[N, 1, H, W]`` -> same."""
-        amap = F.conv2d(amap.index_select(3, self.pad_x), self.taps_x)
-        return F.conv2d(amap.index_select(2, self.pad_y), self.taps_y)
+    def upsample_blur(self, grid_map):
+        """Bilinear upsample then separable scipy-reflect Gaussian blur: ``[N, 1, h, w]`` -> ``[N, 1, H, W]``."""
+        return torch.matmul(torch.matmul(self.rows_op, grid_map), self.cols_op_t)
 
     def forward(self, embedding):
-        amap = self.distance_map(embedding)
-        amap = F.interpolate(amap, size=self.output_hw, mode="bilinear", align_corners=False)
-        amap = self.blur(amap)
+        amap = self.upsample_blur(self.distance_map(embedding))
         return amap, amap.amax(dim=(1, 2, 3))
+
+
+def _float32(array):
+    return torch.from_numpy(array.astype("float32"))
 
 
 class PadimModel(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, helper
 
 from edgead import atomic
+from edgead.bundle import FORMAT_VERSION
 from edgead.errors import ExportError
 from edgead.exporters import onnx_head
 
@@ -86,6 +87,7 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     if mahalanobis == "plugin":
         model.opset_import.append(helper.make_opsetid(onnx_head.PLUGIN_DOMAIN, 1))
     meta = dict(cfg)
+    meta.setdefault("format_version", FORMAT_VERSION)  # a bundle fitted in memory gets it only when saved
     meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET,
                       "input_dtype": input_dtype}
     del model.metadata_props[:]
@@ -100,9 +102,9 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     return model
 
 
-def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8"):
+def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):
     """Build and write ``out_path`` atomically. Returns the ModelProto."""
-    model = build_onnx(bundle, mahalanobis, precision, batch, input_dtype)
+    model = build_onnx(bundle, mahalanobis, precision, batch, input_dtype, blocks)
     atomic.write_bytes(os.fspath(out_path), model.SerializeToString())
     return model
 

@@ -40,10 +40,11 @@ class _GraphBuilder:
         return output
 
 
-def block_boundaries(dim, blocks):
-    """Row-block edges ``[0, ..., D]`` splitting the triangle into ``blocks`` row blocks."""
+def block_spans(dim, blocks):
+    """``[(row_start, row_end), ...]``: ``blocks`` near-equal row blocks of the ``D x D`` triangle."""
     blocks = max(1, min(int(blocks), dim))
-    return [int(v) for v in np.linspace(0, dim, blocks + 1).round()]
+    edges = [int(v) for v in np.linspace(0, dim, blocks + 1).round()]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def block_gather_index(dim, rows, cols):
@@ -73,22 +74,18 @@ def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, pr
     by_patch = builder.node("Transpose", [embedding_flat], "embedding_by_patch", perm=[2, 0, 1])  # [P, N, D]
     mean_name = builder.const("mean", mean.astype(np.float32).reshape(num_patches, 1, dim))
     centred = builder.node("Sub", [by_patch, mean_name], "centred")
-    edges = block_boundaries(dim, blocks)
-    spans = list(zip(edges[:-1], edges[1:]))
-    if len(spans) == 1:
-        chunks = [centred]
-    else:
-        sizes = builder.const("chunk_sizes", np.diff(edges).astype(np.int64))
-        chunks = [builder.prefix + "centred_chunk%d" % j for j in range(len(spans))]
-        builder.nodes.append(helper.make_node("Split", [centred, sizes], chunks, name=builder.prefix + "split", axis=2))
     partial = []
-    for i, rows in enumerate(spans):
-        terms = []
-        for j, cols in enumerate(spans[:i + 1]):
-            index = builder.const("w%d%d_index" % (i, j), block_gather_index(dim, rows, cols))
-            weights_t = builder.node("Gather", [padded, index], "w%d%d_t" % (i, j), axis=1)  # [P, cols, rows]
-            terms.append(builder.node("MatMul", [chunks[j], weights_t], "y%d_part%d" % (i, j)))  # [P, N, rows]
-        row_block = terms[0] if len(terms) == 1 else builder.node("Sum", terms, "y%d" % i)
+    for i, (row_start, row_end) in enumerate(block_spans(dim, blocks)):
+        # row block i of y = W c needs only c[:row_end] (W is lower triangular): one [P, row_end, rows] MatMul
+        index = builder.const("w%d_index" % i, block_gather_index(dim, (row_start, row_end), (0, row_end)))
+        weights_t = builder.node("Gather", [padded, index], "w%d_t" % i, axis=1)  # [P, row_end, rows]
+        if row_end == dim:
+            prefix = centred
+        else:
+            prefix = builder.node("Slice", [centred, builder.const("start%d" % i, np.array([0], np.int64)),
+                                            builder.const("end%d" % i, np.array([row_end], np.int64)),
+                                            builder.const("axis%d" % i, np.array([2], np.int64))], "centred_prefix%d" % i)
+        row_block = builder.node("MatMul", [prefix, weights_t], "y%d" % i)  # [P, N, rows]
         partial.append(builder.node("ReduceSumSquare", [row_block], "y%d_squared" % i, axes=[2], keepdims=0))
     squared = partial[0] if len(partial) == 1 else builder.node("Sum", partial, "squared_distance")  # [P, N]
     distance = builder.node("Sqrt", [squared], "distance_by_patch")
@@ -122,7 +119,6 @@ def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", pr
     height, width = config["input"]["height"], config["input"]["width"]
     dim = mean.shape[1]
     sigma = config["postprocess"]["blur_sigma"]
-    radius = blur.blur_radius(sigma)
 
     flat = builder.node("Reshape", [embedding, builder.const("flat_shape", np.array([0, dim, grid_h * grid_w], np.int64))],
                         "embedding_flat")
@@ -132,17 +128,11 @@ def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", pr
         distance = mahalanobis_standard_ops(builder, flat, mean, whitening_packed, precision, blocks)
     grid_map = builder.node("Reshape", [distance, builder.const("grid_shape", np.array([0, 1, grid_h, grid_w], np.int64))],
                             "distance_map")
-    scales = builder.const("resize_scales", np.array([1.0, 1.0, height / grid_h, width / grid_w], np.float32))
-    upsampled = builder.node("Resize", [grid_map, "", scales], "upsampled", mode="linear",
-                             coordinate_transformation_mode="half_pixel")
-    taps = blur.gaussian_kernel1d(sigma, radius).astype(np.float32)
-    padded_x = builder.node("Gather", [upsampled, builder.const("pad_x", blur.reflect_pad_index(width, radius))],
-                            "padded_x", axis=3)
-    blurred_x = builder.node("Conv", [padded_x, builder.const("taps_x", taps.reshape(1, 1, 1, -1))], "blurred_x")
-    padded_y = builder.node("Gather", [blurred_x, builder.const("pad_y", blur.reflect_pad_index(height, radius))],
-                            "padded_y", axis=2)
-    builder.nodes.append(helper.make_node("Conv", [padded_y, builder.const("taps_y", taps.reshape(1, 1, -1, 1))],
-                                          [map_name], name="head/blurred_y"))
+    # bilinear upsample + separable reflect Gaussian blur, per axis one [H, h] / [w, W] matrix (edgead.blur)
+    rows_op = builder.const("upsample_blur_rows", blur.upsample_blur_matrix(height, grid_h, sigma).astype(np.float32))
+    cols_op_t = builder.const("upsample_blur_cols_t", blur.upsample_blur_matrix(width, grid_w, sigma).T.astype(np.float32))
+    blurred_rows = builder.node("MatMul", [rows_op, grid_map], "blurred_rows")  # [N, 1, H, w]
+    builder.nodes.append(helper.make_node("MatMul", [blurred_rows, cols_op_t], [map_name], name="head/blurred"))
     builder.nodes.append(helper.make_node("ReduceMax", [map_name], [score_name], name="head/score",
                                           axes=[1, 2, 3], keepdims=0))
     return builder.nodes, builder.initializers

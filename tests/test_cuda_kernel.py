@@ -63,7 +63,8 @@ def cpu_lib(tmp_path_factory):
         pytest.skip("no C++ compiler")
     out = str(tmp_path_factory.mktemp("cpu") / "libedgead_kernels_cpu.so")
     proc = subprocess.run([CXX, "-std=c++11", "-O2", "-shared", "-fPIC", "-DEDGEAD_CPU_ONLY",
-                           "-I" + os.path.join(NATIVE, "include"), REF_SRC, "-o", out],
+                           "-I" + os.path.join(NATIVE, "include"), "-I" + os.path.join(NATIVE, "src"), REF_SRC,
+                           "-o", out],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == 0, proc.stdout.decode()[-3000:]
     return cuda_kernel.load_library(out)
@@ -141,7 +142,8 @@ def test_device_pointer_accepts_int_and_array_interface():
 def test_nvcc_builds_kernel_library_for_sm87_and_sm90(tmp_path):
     """Device code for Orin (sm_87) and Hopper (sm_90 + PTX) and the host launcher, linked into a shared lib."""
     out = str(tmp_path / "libedgead_kernels.so")
-    cmd = [NVCC, "-std=c++17", "-O3", "-I" + os.path.join(NATIVE, "include"), "-Xcompiler", "-fPIC", "-shared",
+    cmd = [NVCC, "-std=c++17", "-O3", "-I" + os.path.join(NATIVE, "include"), "-I" + os.path.join(NATIVE, "src"),
+           "-Xcompiler", "-fPIC", "-shared",
            "-gencode", "arch=compute_87,code=sm_87", "-gencode", "arch=compute_90,code=[sm_90,compute_90]",
            "-Xptxas", "-warn-spills", KERNEL_SRC, REF_SRC, "-o", out]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
@@ -179,6 +181,7 @@ def gpu_lib(tmp_path_factory):
         pytest.skip("no kernel library and no nvcc to build one")
     out = str(tmp_path_factory.mktemp("gpu") / "libedgead_kernels.so")
     proc = subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=native", "-I" + os.path.join(NATIVE, "include"),
+                           "-I" + os.path.join(NATIVE, "src"),
                            "-Xcompiler", "-fPIC", "-shared", KERNEL_SRC, REF_SRC, "-o", out],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == 0, proc.stdout.decode()[-3000:]

@@ -11,33 +11,10 @@
 #define EDGEAD_CPU_ONLY
 #endif
 #include "edgead/padim_mahalanobis.h"
+#include "half_bits.h"
 
-namespace {
+using edgead::half_bits_to_float;
 
-// IEEE 754 binary16 bits -> float (normals, subnormals, inf, nan).
-float half_bits_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t exponent = (h >> 10) & 0x1fu;
-    const uint32_t mantissa = h & 0x3ffu;
-    uint32_t bits;
-    if (exponent == 0) {
-        if (mantissa == 0) {
-            bits = sign;
-        } else {  // subnormal: value = mantissa * 2^-24
-            float v = std::ldexp((float)mantissa, -24);
-            return sign ? -v : v;
-        }
-    } else if (exponent == 0x1f) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else {
-        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-    }
-    float out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
-}
-
-}  // namespace
 
 extern "C" EDGEAD_API int edgead_padim_mahalanobis_cpu(const float* x, const float* mean, const void* w_packed,
                                                        int w_is_half, float* out, int N, int D, int P) {

@@ -11,6 +11,7 @@ import numpy as np
 
 from edgead.errors import BackendError, ModelFileError
 from edgead.runtime import modelinfo
+from edgead.runtime import ort_ops as ort_ops_lib
 from edgead.runtime.engines.base import Engine
 
 #: flag name -> onnxruntime execution provider name
@@ -58,12 +59,14 @@ class OrtEngine(Engine):
         threads: intra-op threads (None = onnxruntime default, all cores).
         trt_fp16: TensorRT EP: allow fp16 kernels. trt_cache_dir: TensorRT EP engine cache folder.
         optimization: ``all`` (default), ``extended``, ``basic`` or ``disable`` graph optimizations.
+        ort_ops: path of ``libedgead_ort.so`` (the CPU ``edgead::PadimMahalanobis`` op for plugin-flavour
+            graphs); None = search (``edgead.runtime.ort_ops``), registered only when found.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, path, providers=("cpu",), threads=None, trt_fp16=False, trt_cache_dir=None,
-                 optimization="all"):
+                 optimization="all", ort_ops=None):
         import onnxruntime as ort
 
         self.path = os.fspath(path)
@@ -85,6 +88,7 @@ class OrtEngine(Engine):
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
         opts.graph_optimization_level = levels[optimization]
+        self.custom_ops, ops_problem = self._register_custom_ops(opts, ort_ops)
         provider_list = []
         for name in names:
             if name == PROVIDER_NAMES["tensorrt"]:
@@ -100,7 +104,7 @@ class OrtEngine(Engine):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = ""
             if "PadimMahalanobis" in str(exc):
-                hint = " (plugin-flavour graph: run it with TensorRT, or export with --mahalanobis onnx)"
+                hint = " ({})".format(ops_problem or ort_ops_lib.missing_library_hint(ort_ops))
             raise ModelFileError("{}: onnxruntime cannot load the model: {}{}".format(self.path, first, hint))
         active = self.session.get_providers()
         for name in names:
@@ -110,6 +114,22 @@ class OrtEngine(Engine):
         self.providers = active
         self.model_info = modelinfo.model_info_from_session(self.session, self.path)
         self._check_io()
+
+    def _register_custom_ops(self, opts, ort_ops):
+        """Register libedgead_ort.so when found. Returns (path or None, problem text or None)."""
+        found = ort_ops_lib.find_ort_ops_library(ort_ops)
+        if found is None:
+            if ort_ops:
+                raise BackendError("{}: custom-op library not found".format(ort_ops))
+            return None, None
+        try:
+            opts.register_custom_ops_library(found)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if ort_ops:
+                raise BackendError("{}: onnxruntime cannot register the custom-op library: {}".format(found, text))
+            return None, "{} could not be registered: {}".format(found, text)
+        return found, None
 
     def _check_io(self):
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -184,6 +204,7 @@ class OrtEngine(Engine):
             "providers": list(self.providers),
             "onnxruntime": self._ort.__version__,
             "threads": self.threads,
+            "custom_ops": self.custom_ops,
             "batch": self.batch if self.batch is not None else "dynamic",
             "input_dtype": np.dtype(self.input_dtype).name,
             "input_shape": list(self.input_shape),
