@@ -2,7 +2,8 @@
 
 Sizes 224/192/160/128 are the MobileNet resolution multiplier; 256 is the PaDiM default. Bundles are
 fitted on a few generated frames with random weights (statistics do not change latency). The plugin
-flavour runs on CPU with its node swapped for standard ops (``plugin_substitute``), labelled as such.
+flavour runs on CPU through edgead's ONNX Runtime op (``libedgead_ort.so``, ``make ort-ops``) when it is
+found, else with its node swapped for standard ops (``plugin_substitute``); the row says which.
 
     python benchmarks/latency_table.py --out bench_out [--backbones ...] [--sizes 256,224,192,160,128]
 """
@@ -17,10 +18,12 @@ BACKBONES = ["resnet18", "mobilenet_v1_025", "mobilenet_v1_050", "mobilenet_v1_1
              "mobilenetv3_large_100", "efficientnet_lite0"]
 
 
-def median_latency(path, frame, threads, runs, warmup=5):
+def median_latency(path, frame, threads, runs, warmup=5, custom_ops=None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if custom_ops:
+        options.register_custom_ops_library(custom_ops)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -67,6 +70,9 @@ def main():
     from edgead.exporters import onnx_export, plugin_substitute
     from edgead.fit import fit_padim
 
+    from edgead.runtime import ort_ops
+
+    ops_library = ort_ops.find_ort_ops_library()
     precisions = args.precisions.split(",")
     rng = np.random.default_rng(0)
     rows = []
@@ -80,13 +86,15 @@ def main():
                     path = os.path.join(tmp, "{}_{}_{}_{}.onnx".format(backbone, size, flavour, precision))
                     model = onnx_export.export_onnx(bundle, path, flavour, precision, 1)
                     file_mb = os.path.getsize(path) / 1e6
-                    run_path = path
-                    if flavour == "plugin":  # no TensorRT plugin on a CPU: time its standard-op substitute
-                        run_path = path + ".cpu.onnx"
+                    run_path, label = path, flavour
+                    if flavour == "plugin" and ops_library:
+                        label = "plugin (edgead CPU op)"
+                    elif flavour == "plugin":  # no custom-op library: time its standard-op substitute
+                        run_path, label = path + ".cpu.onnx", "plugin (CPU substitute)"
                         onnx.save(plugin_substitute.substitute_plugin(model), run_path)
-                    median, p90, load_s = median_latency(run_path, frames[:1], args.threads, args.runs)
-                    rows.append({"backbone": backbone, "size": size,
-                                 "flavour": flavour if flavour == "onnx" else "plugin (CPU substitute)",
+                    median, p90, load_s = median_latency(run_path, frames[:1], args.threads, args.runs,
+                                                         custom_ops=ops_library if flavour == "plugin" else None)
+                    rows.append({"backbone": backbone, "size": size, "flavour": label,
                                  "precision": precision, "dim": bundle.config["embedding"]["dim"],
                                  "file_mb": round(file_mb, 2), "load_s": round(load_s, 3),
                                  "median_ms": round(median, 2), "p90_ms": round(p90, 2), "runs": args.runs})
@@ -101,8 +109,8 @@ def main():
     for r in rows:
         print("{:<22} {:>5} {:<24} {:<5} {:>8.1f} {:>7.2f} {:>10.2f} {:>8.2f}".format(
             r["backbone"], r["size"], r["flavour"], r["precision"], r["file_mb"], r["load_s"], r["median_ms"], r["p90_ms"]))
-    print("plugin rows: the PadimMahalanobis node replaced by standard ops (plugin_substitute) to run on a CPU; "
-          "they time the plugin graph's surroundings, not the TensorRT plugin.")
+    print("plugin rows: 'edgead CPU op' = the PadimMahalanobis node run by libedgead_ort.so; 'CPU substitute' = "
+          "the node replaced by standard ops (no library found), timing the graph around it, not the plugin.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ref = precisions[0]

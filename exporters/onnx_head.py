@@ -4,10 +4,11 @@ Mirrors ``edgead.model.PadimHead`` op for op, with only TensorRT-parser-friendly
 (see ``edgead.exporters.trt_ops``). The Mahalanobis step comes in two flavours:
 
 - ``onnx``: standard ops. The file stores the *packed* whitening ``[P, T]`` (fp16 or fp32); a
-  Cast/Concat/Gather chain on initializers rebuilds the dense transposed ``Wᵀ [P, D, D]``, which
+  Cast/Concat/Gather chain on initializers rebuilds dense transposed row blocks of ``W``, which
   ONNX Runtime and TensorRT constant-fold once at load, so the file stays small and inference runs a
   plain batched MatMul.
-- ``plugin``: one ``edgead::PadimMahalanobis`` node (our CUDA kernel in TensorRT) taking
+- ``plugin``: one ``edgead::PadimMahalanobis`` node (our CUDA kernel in TensorRT, our CPU kernel in
+  ONNX Runtime through ``libedgead_ort.so``) taking
   ``(embedding [N, D, P], mean [P, D], whitening_packed [P, T])`` -> ``distance [N, P]``.
 """
 import numpy as np
@@ -57,12 +58,12 @@ def block_gather_index(dim, rows, cols):
 def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, precision, blocks=2):
     """Standard-op Mahalanobis. embedding_flat ``[N, D, P]`` -> distance name ``[N, P]``.
 
-    mean ``[P, D]`` float32, whitening_packed ``[P, T]`` float32 (numpy). The centred embedding is split
-    into ``blocks`` column chunks ``c_j``; row block ``i`` of ``y = W c`` is ``Σ_{j<=i} c_j W_ijᵀ`` (blocks
-    above the diagonal are zero and never stored), and ``d² = Σ_i ||y_i||²``. The dense weights ONNX
-    Runtime holds after constant-folding the Gathers are ``D²(B+1)/2B`` per patch (75 % of dense for
-    B = 2), so the memory-bound MatMuls read that much less. Also used to replace the plugin node when
-    checking the plugin flavour on CPU.
+    mean ``[P, D]`` float32, whitening_packed ``[P, T]`` float32 (numpy). ``W`` is lower triangular, so
+    row block ``i`` (rows ``r0:r1``) of ``y = W c`` needs only the prefix ``c[:r1]``: one MatMul
+    ``c[:r1] @ W[r0:r1, :r1]ᵀ`` per row block, and ``d² = Σ_i ||y_i||²``. The dense weights ONNX Runtime
+    holds after constant-folding the Gathers are ``D²(B+1)/2B`` per patch (75 % of dense for B = 2), so
+    the memory-bound MatMuls read that much less. Also used to replace the plugin node when checking the
+    plugin flavour on CPU without ``libedgead_ort.so``.
     """
     num_patches, dim = mean.shape
     store_dtype = np.float16 if precision == "fp16" else np.float32

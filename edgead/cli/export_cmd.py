@@ -11,7 +11,8 @@ from edgead.errors import DataError
 @click.argument("bundle_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .onnx file (written atomically).")
 @click.option("--mahalanobis", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
-              help="onnx: standard ops (runs anywhere); plugin: one edgead::PadimMahalanobis node for TensorRT.")
+              help="onnx: standard ops (runs anywhere); plugin: one edgead::PadimMahalanobis node for TensorRT "
+                   "and, with libedgead_ort.so (make ort-ops), ONNX Runtime CPU.")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Storage of the packed whitening (the mean stays fp32).")
 @click.option("--batch", default="1", show_default=True, help="1, N, or dynamic.")
