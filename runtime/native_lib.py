@@ -1,4 +1,4 @@
-"""Where edgead looks for its native libraries (kernel library, TensorRT plugin library)."""
+"""Where edgead looks for its native libraries (kernel, TensorRT plugin, ONNX Runtime op libraries)."""
 import ctypes.util
 import os
 
@@ -19,3 +19,11 @@ def candidate_paths(library_file, env_var, folders, path=None):
     if system:
         found.append(system)
     return found
+
+
+def first_existing(candidates):
+    """First of ``candidates`` that exists (a bare name from the system loader counts), or None."""
+    for candidate in candidates:
+        if os.sep not in candidate or os.path.exists(candidate):
+            return candidate
+    return None

@@ -5,8 +5,6 @@ the packed fp16 whitening directly (cpp_bindings/ort/, built by ``make ort-ops O
 Search order: the ``path`` argument, ``$EDGEAD_ORT_OPS_LIB``, ``build/ort/``, ``cpp_bindings/build/``,
 then the system loader path. Torch-free; registering it is done by the ONNX Runtime engine.
 """
-import os
-
 from edgead.runtime import native_lib
 
 LIBRARY_NAME = "libedgead_ort.so"
@@ -20,10 +18,7 @@ def candidate_paths(path=None):
 
 def find_ort_ops_library(path=None):
     """First existing candidate path, or None."""
-    for candidate in candidate_paths(path):
-        if os.sep not in candidate or os.path.exists(candidate):
-            return candidate
-    return None
+    return native_lib.first_existing(candidate_paths(path))
 
 
 def missing_library_hint(path=None):

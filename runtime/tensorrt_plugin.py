@@ -6,7 +6,6 @@ argument, ``$EDGEAD_PLUGIN_LIB``, ``cpp_bindings/build/``, ``build/``, then the 
 Torch-free; never imports tensorrt itself (``is_registered`` takes the module).
 """
 import ctypes
-import os
 
 from edgead.errors import BackendError
 from edgead.runtime import native_lib
@@ -25,10 +24,7 @@ def candidate_paths(path=None):
 
 def find_plugin_library(path=None):
     """First existing candidate path, or None."""
-    for candidate in candidate_paths(path):
-        if os.sep not in candidate or os.path.exists(candidate):
-            return candidate
-    return None
+    return native_lib.first_existing(candidate_paths(path))
 
 
 def load_plugin_library(path=None):
