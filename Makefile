@@ -36,8 +36,10 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/latency_table.py --quick --out bench_out/quick
 
 # anomalib 2.7 lives in its own venv (shares torch/timm with .venv through a .pth file).
+# ORT_INCLUDE=<onnxruntime include dir> also builds libedgead_ort.so first, so the plugin flavour is timed too
 bench-anomalib: $(STAMP)
 	bash benchmarks/setup_anomalib_venv.sh
+	if [ -n "$(ORT_INCLUDE)" ]; then $(MAKE) ort-ops ORT_INCLUDE="$(ORT_INCLUDE)"; fi
 	$(PY) benchmarks/vs_anomalib.py --out bench_out
 
 clean:
