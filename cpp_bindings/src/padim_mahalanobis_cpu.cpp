@@ -142,40 +142,77 @@ EDGEAD_AVX512 void rows_avx512(const void* w_patch, const float* centred, int ba
     }
 }
 
-// ---- AVX2 + F16C + FMA: 8 lanes, scalar tails -------------------------------------------------------------
-__attribute__((target("avx2,f16c,fma"))) inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+// ---- AVX2 + F16C + FMA: the same four-row scheme with 8 lanes; tails through a zero-padded stack copy ------
+#define EDGEAD_AVX2 __attribute__((target("avx2,f16c,fma")))
+
+template <bool Half>
+EDGEAD_AVX2 inline __m256 load_w8(const void* w, size_t at, int len, int j) {
+    const int left = len - j;
+    if (left >= 8) {
+        if (Half) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + at)));
+        return _mm256_loadu_ps(static_cast<const float*>(w) + at);
+    }
+    if (left <= 0) return _mm256_setzero_ps();
+    alignas(32) float tail[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < left; ++k)
+        tail[k] = Half ? _cvtsh_ss(static_cast<const uint16_t*>(w)[at + k]) : static_cast<const float*>(w)[at + k];
+    return _mm256_load_ps(tail);
+}
+
+EDGEAD_AVX2 inline __m128 quarter_sums8(__m256 v) {
+    return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+}
+
+template <bool Half, int Batch>
+EDGEAD_AVX2 void rows_avx2_fixed(const void* w_patch, const float* centred, int dim, size_t stride, float* sum_sq) {
+    __m128 squares[Batch];
+    for (int n = 0; n < Batch; ++n) squares[n] = _mm_setzero_ps();
+    for (int i = 0; i < dim; i += 4) {
+        const int len0 = i + 1, len1 = i + 1 < dim ? i + 2 : 0, len2 = i + 2 < dim ? i + 3 : 0,
+                  len3 = i + 3 < dim ? i + 4 : 0;
+        const int longest = len3 ? len3 : (len2 ? len2 : (len1 ? len1 : len0));
+        const size_t s0 = (size_t)i * (i + 1) / 2, s1 = s0 + (size_t)i + 1, s2 = s1 + (size_t)i + 2,
+                     s3 = s2 + (size_t)i + 3;
+        {
+            const size_t elem = Half ? 2 : 4;
+            const char* ahead = static_cast<const char*>(w_patch) + s0 * elem + EDGEAD_PREFETCH;
+            for (size_t k = 0; k < (s3 + len3 - s0) * elem; k += 64) _mm_prefetch(ahead + k, _MM_HINT_T0);
+        }
+        __m256 acc0[Batch], acc1[Batch], acc2[Batch], acc3[Batch];
+        for (int n = 0; n < Batch; ++n) acc0[n] = acc1[n] = acc2[n] = acc3[n] = _mm256_setzero_ps();
+        for (int j = 0; j < longest; j += 8) {
+            const __m256 w0 = load_w8<Half>(w_patch, s0 + j, len0, j);
+            const __m256 w1 = load_w8<Half>(w_patch, s1 + j, len1, j);
+            const __m256 w2 = load_w8<Half>(w_patch, s2 + j, len2, j);
+            const __m256 w3 = load_w8<Half>(w_patch, s3 + j, len3, j);
+            for (int n = 0; n < Batch; ++n) {
+                const __m256 c = _mm256_loadu_ps(centred + n * stride + j);  // zero padding past D
+                acc0[n] = _mm256_fmadd_ps(w0, c, acc0[n]);
+                acc1[n] = _mm256_fmadd_ps(w1, c, acc1[n]);
+                acc2[n] = _mm256_fmadd_ps(w2, c, acc2[n]);
+                acc3[n] = _mm256_fmadd_ps(w3, c, acc3[n]);
+            }
+        }
+        for (int n = 0; n < Batch; ++n) {
+            const __m128 y = _mm_hadd_ps(_mm_hadd_ps(quarter_sums8(acc0[n]), quarter_sums8(acc1[n])),
+                                         _mm_hadd_ps(quarter_sums8(acc2[n]), quarter_sums8(acc3[n])));
+            squares[n] = _mm_fmadd_ps(y, y, squares[n]);
+        }
+    }
+    for (int n = 0; n < Batch; ++n) {
+        __m128 s = _mm_hadd_ps(squares[n], squares[n]);
+        s = _mm_hadd_ps(s, s);
+        sum_sq[n] += _mm_cvtss_f32(s);
+    }
 }
 
 template <bool Half>
-__attribute__((target("avx2,f16c,fma")))
-void rows_avx2(const void* w_patch, const float* centred, int batch, int dim, size_t stride, float* sum_sq) {
-    for (int i = 0; i < dim; ++i) {
-        const size_t start = (size_t)i * (i + 1) / 2;
-        const int len = i + 1;
-        __m256 acc[kBatchTile];
-        for (int n = 0; n < batch; ++n) acc[n] = _mm256_setzero_ps();
-        int j = 0;
-        for (; j <= len - 8; j += 8) {
-            __m256 w;
-            if (Half) w = _mm256_cvtph_ps(_mm_loadu_si128(
-                              reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w_patch) + start + j)));
-            else w = _mm256_loadu_ps(static_cast<const float*>(w_patch) + start + j);
-            for (int n = 0; n < batch; ++n) acc[n] = _mm256_fmadd_ps(w, _mm256_loadu_ps(centred + n * stride + j), acc[n]);
-        }
-        float tail[kBatchTile] = {0.f};
-        for (; j < len; ++j) {
-            const float w = Half ? _cvtsh_ss(static_cast<const uint16_t*>(w_patch)[start + j])
-                                 : static_cast<const float*>(w_patch)[start + j];
-            for (int n = 0; n < batch; ++n) tail[n] += w * centred[n * stride + j];
-        }
-        for (int n = 0; n < batch; ++n) {
-            const float y = hsum256(acc[n]) + tail[n];
-            sum_sq[n] += y * y;
-        }
+EDGEAD_AVX2 void rows_avx2(const void* w_patch, const float* centred, int batch, int dim, size_t stride,
+                           float* sum_sq) {
+    // two images per pass keep the 4 x 2 accumulators in the 16 ymm registers
+    for (int n = 0; n < batch; n += 2) {
+        if (batch - n >= 2) rows_avx2_fixed<Half, 2>(w_patch, centred + n * stride, dim, stride, sum_sq + n);
+        else rows_avx2_fixed<Half, 1>(w_patch, centred + n * stride, dim, stride, sum_sq + n);
     }
 }
 #endif
@@ -239,6 +276,8 @@ extern "C" EDGEAD_API int edgead_padim_mahalanobis_cpu_range(const float* x, con
                 const float* xd = x + ((size_t)n * D + d) * P + p0;
                 for (int q = 0; q < tile; ++q) cn[q * stride + d] = xd[q] - mean[(size_t)(p0 + q) * D + d];
             }
+            for (int q = 0; q < tile; ++q)
+                for (size_t d = (size_t)D; d < stride; ++d) cn[q * stride + d] = 0.f;
         }
         for (int q = 0; q < tile; ++q) {
             const int p = p0 + q;
