@@ -53,6 +53,41 @@ void rows_portable(const void* w_patch, const float* centred, int batch, int dim
 #define EDGEAD_PREFETCH 4096
 #endif
 #define EDGEAD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c,fma")))
+#define EDGEAD_AVX2 __attribute__((target("avx2,f16c,fma")))
+
+// Rows i..i+3 of the packed triangle: lengths (0 past dim: all-zero loads, zero contribution) and starts.
+struct RowGroup {
+    int len[4];
+    size_t start[4];
+    int longest;
+};
+
+inline RowGroup row_group(int i, int dim) {
+    RowGroup g;
+    size_t start = (size_t)i * (i + 1) / 2;
+    g.longest = 0;
+    for (int r = 0; r < 4; ++r) {
+        g.len[r] = (i + r < dim) ? i + r + 1 : 0;
+        g.start[r] = start;
+        start += (size_t)i + r + 1;
+        if (g.len[r]) g.longest = g.len[r];
+    }
+    return g;
+}
+
+// The whitening is one linear stream over all patches: prefetch EDGEAD_PREFETCH bytes ahead of this row
+// group (prefetches never fault, so running past the last patch is harmless).
+inline void prefetch_ahead(const void* w_patch, const RowGroup& g, size_t elem) {
+    const char* ahead = static_cast<const char*>(w_patch) + g.start[0] * elem + EDGEAD_PREFETCH;
+    const size_t bytes = (g.start[3] + g.len[3] - g.start[0]) * elem;
+    for (size_t k = 0; k < bytes; k += 64) _mm_prefetch(ahead + k, _MM_HINT_T0);
+}
+
+EDGEAD_AVX2 inline float lane_sum(__m128 v) {
+    v = _mm_hadd_ps(v, v);
+    return _mm_cvtss_f32(_mm_hadd_ps(v, v));
+}
+
 
 // ---- AVX-512: four rows at a time (independent FMA chains, one load of each centred chunk), masked tails ----
 template <bool Half>
@@ -89,22 +124,13 @@ EDGEAD_AVX512 void rows_avx512_fixed(const void* w_patch, const float* centred, 
     __m128 squares[Batch];
     for (int n = 0; n < Batch; ++n) squares[n] = _mm_setzero_ps();
     for (int i = 0; i < dim; i += 4) {
-        // rows i..i+3; rows past dim get length 0 (all-zero masks, zero contribution)
-        const int len0 = i + 1, len1 = i + 1 < dim ? i + 2 : 0, len2 = i + 2 < dim ? i + 3 : 0,
-                  len3 = i + 3 < dim ? i + 4 : 0;
-        const int longest = len3 ? len3 : (len2 ? len2 : (len1 ? len1 : len0));
-        const size_t s0 = (size_t)i * (i + 1) / 2, s1 = s0 + (size_t)i + 1, s2 = s1 + (size_t)i + 2,
-                     s3 = s2 + (size_t)i + 3;
+        const RowGroup g = row_group(i, dim);
+        const int len0 = g.len[0], len1 = g.len[1], len2 = g.len[2], len3 = g.len[3], longest = g.longest;
+        const size_t s0 = g.start[0], s1 = g.start[1], s2 = g.start[2], s3 = g.start[3];
+        prefetch_ahead(w_patch, g, Half ? 2 : 4);
         __m512 acc0[Batch], acc1[Batch], acc2[Batch], acc3[Batch];
         for (int n = 0; n < Batch; ++n)
             acc0[n] = acc1[n] = acc2[n] = acc3[n] = _mm512_setzero_ps();
-        // The whitening is one linear stream over all patches; prefetch kPrefetchBytes ahead of this row group
-        // (prefetches never fault, so running past the last patch is harmless).
-        {
-            const size_t elem = Half ? 2 : 4;
-            const char* ahead = static_cast<const char*>(w_patch) + s0 * elem + EDGEAD_PREFETCH;
-            for (size_t k = 0; k < (s3 + len3 - s0) * elem; k += 64) _mm_prefetch(ahead + k, _MM_HINT_T0);
-        }
         for (int j = 0; j < longest; j += 16) {
             const __m512 w0 = load_w16<Half>(w_patch, s0 + j, tail_mask(len0, j));
             const __m512 w1 = load_w16<Half>(w_patch, s1 + j, tail_mask(len1, j));
@@ -124,11 +150,7 @@ EDGEAD_AVX512 void rows_avx512_fixed(const void* w_patch, const float* centred, 
             squares[n] = _mm_fmadd_ps(y, y, squares[n]);
         }
     }
-    for (int n = 0; n < Batch; ++n) {
-        __m128 s = _mm_hadd_ps(squares[n], squares[n]);
-        s = _mm_hadd_ps(s, s);
-        sum_sq[n] += _mm_cvtss_f32(s);
-    }
+    for (int n = 0; n < Batch; ++n) sum_sq[n] += lane_sum(squares[n]);
 }
 
 template <bool Half>
@@ -143,7 +165,6 @@ EDGEAD_AVX512 void rows_avx512(const void* w_patch, const float* centred, int ba
 }
 
 // ---- AVX2 + F16C + FMA: the same four-row scheme with 8 lanes; tails through a zero-padded stack copy ------
-#define EDGEAD_AVX2 __attribute__((target("avx2,f16c,fma")))
 
 template <bool Half>
 EDGEAD_AVX2 inline __m256 load_w8(const void* w, size_t at, int len, int j) {
@@ -168,16 +189,10 @@ EDGEAD_AVX2 void rows_avx2_fixed(const void* w_patch, const float* centred, int 
     __m128 squares[Batch];
     for (int n = 0; n < Batch; ++n) squares[n] = _mm_setzero_ps();
     for (int i = 0; i < dim; i += 4) {
-        const int len0 = i + 1, len1 = i + 1 < dim ? i + 2 : 0, len2 = i + 2 < dim ? i + 3 : 0,
-                  len3 = i + 3 < dim ? i + 4 : 0;
-        const int longest = len3 ? len3 : (len2 ? len2 : (len1 ? len1 : len0));
-        const size_t s0 = (size_t)i * (i + 1) / 2, s1 = s0 + (size_t)i + 1, s2 = s1 + (size_t)i + 2,
-                     s3 = s2 + (size_t)i + 3;
-        {
-            const size_t elem = Half ? 2 : 4;
-            const char* ahead = static_cast<const char*>(w_patch) + s0 * elem + EDGEAD_PREFETCH;
-            for (size_t k = 0; k < (s3 + len3 - s0) * elem; k += 64) _mm_prefetch(ahead + k, _MM_HINT_T0);
-        }
+        const RowGroup g = row_group(i, dim);
+        const int len0 = g.len[0], len1 = g.len[1], len2 = g.len[2], len3 = g.len[3], longest = g.longest;
+        const size_t s0 = g.start[0], s1 = g.start[1], s2 = g.start[2], s3 = g.start[3];
+        prefetch_ahead(w_patch, g, Half ? 2 : 4);
         __m256 acc0[Batch], acc1[Batch], acc2[Batch], acc3[Batch];
         for (int n = 0; n < Batch; ++n) acc0[n] = acc1[n] = acc2[n] = acc3[n] = _mm256_setzero_ps();
         for (int j = 0; j < longest; j += 8) {
@@ -199,11 +214,7 @@ EDGEAD_AVX2 void rows_avx2_fixed(const void* w_patch, const float* centred, int 
             squares[n] = _mm_fmadd_ps(y, y, squares[n]);
         }
     }
-    for (int n = 0; n < Batch; ++n) {
-        __m128 s = _mm_hadd_ps(squares[n], squares[n]);
-        s = _mm_hadd_ps(s, s);
-        sum_sq[n] += _mm_cvtss_f32(s);
-    }
+    for (int n = 0; n < Batch; ++n) sum_sq[n] += lane_sum(squares[n]);
 }
 
 template <bool Half>
