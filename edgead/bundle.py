@@ -48,7 +48,7 @@ class PadimBundle:
         prune_deepest: compute only the chosen channels in the deepest block (export; see edgead.pruning).
         """
         cfg = self.config
-        extractor = backbones.create_feature_extractor(cfg["backbone"]["name"])
+        extractor = backbones.create_feature_extractor(cfg["backbone"]["name"], self.input_hw)
         extractor.load_state_dict(self.backbone_state)
         patch = PatchEmbedding(
             extractor, cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"], cfg["backbone"]["strides"],
@@ -125,7 +125,24 @@ def read_config(folder):
         for key in keys:
             if key not in config[section]:
                 raise BundleError("{}: missing {}.{}".format(path, section, key))
+    _check_arch(config["backbone"], path)
     return config
+
+
+def _check_arch(backbone, path):
+    """Refuse a bundle whose backbone network is not the one edgead builds for that name today."""
+    from edgead.errors import ConfigError
+
+    try:
+        spec = backbones.get_spec(backbone["name"])
+    except ConfigError as exc:
+        raise BundleError("{}: {}".format(path, exc))
+    expected = backbones.arch_name(spec)
+    recorded = backbone.get("arch", backbones.LEGACY_ARCH.get(spec.name, expected))
+    if recorded != expected:
+        raise BundleError(
+            "{}: fitted with the {} network, but edgead now builds {} as {} (the network its ImageNet weights "
+            "were trained in); refit this bundle with `edgead fit`".format(path, recorded, spec.name, expected))
 
 
 def load_bundle(folder):

