@@ -1,8 +1,13 @@
-"""PaDiM fit: stream good images through the embedding into mergeable float64 Gaussian sums."""
+"""PaDiM fit: stream good images through the embedding into mergeable float64 Gaussian sums,
+then (second pass) score each of them with the model fitted without it (leave-one-out, or K-fold) for out-of-sample
+thresholds (``edgead.thresholds``)."""
+import warnings
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from edgead import backbones, blur, padim
+from edgead import backbones, blur, padim, thresholds
 from edgead.bundle import PadimBundle
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_channels
 from edgead.errors import ConfigError
@@ -23,6 +28,7 @@ def make_config(backbone_name, weights_description, extractor, input_hw, dim, se
         "method": "padim",
         "backbone": {
             "name": spec.name,
+            "arch": backbones.arch_name(spec),
             "out_indices": list(spec.out_indices),
             "strides": strides,
             "channels": channels,
@@ -49,10 +55,14 @@ def make_config(backbone_name, weights_description, extractor, input_hw, dim, se
 
 
 class PadimFitter:
-    """Holds the embedding and the running statistics of one fit; feed it batches, then ``bundle()``."""
+    """Holds the embedding and the running statistics of one fit.
+
+    Feed it batches (``update``), optionally learn thresholds from the same images out of sample
+    (``calibrate_out_of_sample``), then ``bundle()``. ``warnings`` collects one-line notes for the user.
+    """
 
     def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0):
-        extractor, description = load_backbone(backbone, weights, seed=seed)
+        extractor, description = load_backbone(backbone, weights, seed=seed, input_hw=input_hw)
         self.config = make_config(backbone, description, extractor, input_hw, dim, seed)
         cfg = self.config
         patch = PatchEmbedding(extractor, cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"],
@@ -60,25 +70,149 @@ class PadimFitter:
         self.embedding = FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
         grid_h, grid_w = cfg["embedding"]["grid"]
         self.accumulator = padim.GaussianAccumulator(grid_h * grid_w, cfg["embedding"]["dim"])
+        self.calibration = None
+        self.warnings = []
 
     @torch.no_grad()
+    def embed(self, frames):
+        """uint8 ``[B, H, W, 3]`` RGB (numpy or tensor) at the model input size -> ``[B, D, h, w]`` float32."""
+        return self.embedding(torch.as_tensor(np.ascontiguousarray(frames)))
+
     def update(self, frames):
-        """frames: uint8 ``[B, H, W, 3]`` RGB (numpy or tensor) at the model input size."""
-        frames = torch.as_tensor(np.ascontiguousarray(frames))
-        self.accumulator.update(self.embedding(frames))
+        """Add a batch of training frames: uint8 ``[B, H, W, 3]`` RGB at the model input size."""
+        self.accumulator.update(self.embed(frames))
+
+    def _map_stats(self, distance):
+        """Patch distances ``[m, P]`` float64 -> (max ``[m]``, median ``[m]``) of the anomaly maps, made as the
+        exported model makes them (bilinear upsample + blur as two matrices), in float64."""
+        cfg = self.config
+        (grid_h, grid_w), sigma = cfg["embedding"]["grid"], cfg["postprocess"]["blur_sigma"]
+        rows = blur.upsample_blur_matrix(cfg["input"]["height"], grid_h, sigma)  # [H, h]
+        cols_t = blur.upsample_blur_matrix(cfg["input"]["width"], grid_w, sigma).T  # [w, W]
+        maps = rows @ distance.numpy().reshape(-1, grid_h, grid_w) @ cols_t  # [m, H, W]
+        flat = maps.reshape(len(maps), -1)
+        return flat.max(axis=1), np.median(flat, axis=1)
+
+    def out_of_sample_scores(self, fold_batches, desc="out-of-sample thresholds"):
+        """Score every fold of the training images with the model fitted without it (exact: sums subtract).
+
+        fold_batches: one entry per fold, each an iterable of uint8 ``[B, H, W, 3]`` batches holding
+        exactly that fold's images, all of which went through ``update`` before. A fold's embeddings
+        are kept in memory while it is scored (``m · D · P`` float32 for m images).
+        Returns ``(scores [n], map_medians [n])`` float64, in fold order: the max and the median of each
+        image's out-of-sample anomaly map.
+        """
+        scores, medians = [], []
+        progress = tqdm(total=self.accumulator.count, desc=desc, unit="img", leave=False)
+        for batches in fold_batches:
+            held_out = padim.GaussianAccumulator(self.accumulator.num_patches, self.accumulator.dim)
+            embeddings = []
+            for frames in batches:
+                progress.update(len(frames))
+                embedding = self.embed(frames)
+                held_out.update(embedding)
+                embeddings.append(embedding.reshape(len(embedding), self.accumulator.dim, -1))
+            distance = self.accumulator.held_out_distance(held_out, torch.cat(embeddings),
+                                                          self.config["padim"]["epsilon"])
+            fold_scores, fold_medians = self._map_stats(distance)
+            scores.append(fold_scores)
+            medians.append(fold_medians)
+        progress.close()
+        return np.concatenate(scores), np.concatenate(medians)
+
+    def leave_one_out_scores(self, batches, desc="out-of-sample thresholds"):
+        """Score every training image with the model fitted without it (exact, closed form: see
+        ``GaussianAccumulator.leave_one_out_distance``), streaming: memory is one packed ``[P, T]`` float64
+        whitening plus a batch.
+
+        batches: uint8 ``[B, H, W, 3]`` batches of images that all went through ``update``.
+        Returns ``(scores [m], map_medians [m])`` float64, in the order given.
+        """
+        whitening = self.accumulator.leave_one_out_whitening(self.config["padim"]["epsilon"])
+        scores, medians = [], []
+        for frames in tqdm(batches, desc=desc, unit="batch", leave=False):
+            distance = self.accumulator.leave_one_out_distance(self.embed(frames), whitening)
+            batch_scores, batch_medians = self._map_stats(distance)
+            scores.append(batch_scores)
+            medians.append(batch_medians)
+        return np.concatenate(scores), np.concatenate(medians)
+
+    def calibrate_out_of_sample(self, load_images, n_images, folds=thresholds.DEFAULT_FOLDS,
+                                quantile=thresholds.DEFAULT_QUANTILE, seed=0):
+        """Learn the image and pixel thresholds from the training images, out of sample (one extra pass).
+
+        load_images: ``indices [m] int -> iterable of uint8 batches`` of those training images (indices
+        into the order in which they were fed to ``update``); n_images: how many were fed.
+        folds: ``"n"`` (default): leave-one-out, exact and in closed form, so each image is scored by the
+        model of the other n - 1 (the least biased choice: with fewer images than dimensions, a model of
+        (k-1)/k of them scores new images markedly higher than the full model does); an int K >= 2: K-fold
+        by subtracting each fold's sums. With fewer than ``thresholds.MIN_IMAGES`` images the model stays
+        uncalibrated and a warning says so. Returns the calibration dict (also kept for ``bundle()``).
+        """
+        if n_images != self.accumulator.count:
+            raise ValueError("{} images to calibrate on, but {} were fitted".format(n_images, self.accumulator.count))
+        if n_images < thresholds.MIN_IMAGES:
+            self.warnings.append("only {} training images: too few for out-of-sample thresholds, so frames will "
+                                 "not be classified (use at least {}, or eval --calibrate on a labelled split)".format(
+                                     n_images, thresholds.MIN_IMAGES))
+            return None
+        folds = thresholds.parse_folds(folds)
+        if folds == "n" or folds >= n_images:
+            scores, medians = self.leave_one_out_scores(load_images(np.arange(n_images)))
+            method, folds = "padim-leave-one-out", n_images
+        else:
+            assignment = thresholds.fold_assignment(n_images, folds, seed)
+            scores, medians = self.out_of_sample_scores(
+                load_images(np.flatnonzero(assignment == fold)) for fold in range(folds))
+            method = "padim-leave-fold-out"
+        self.calibration = thresholds.normal_calibration(scores, medians, folds, quantile, method)
+        return self.calibration
+
+    def covariance_warning(self):
+        """A one-line warning when too few images make each patch covariance rank-deficient (else None)."""
+        n, dim = self.accumulator.count, self.accumulator.dim
+        if n - 1 >= dim:
+            return None
+        return ("{} training images for D = {}: each patch covariance has rank <= {} < {} and is held up only by "
+                "epsilon = {}, so distances lean on noise directions; {} images make it full rank and about {} make "
+                "it stable".format(n, dim, n - 1, dim, self.config["padim"]["epsilon"], dim + 1, 2 * dim))
 
     def bundle(self):
-        """Finish: Cholesky whitening of every patch covariance -> PadimBundle."""
+        """Finish: Cholesky whitening of every patch covariance -> PadimBundle (with the calibration, if any)."""
+        warning = self.covariance_warning()
+        if warning and warning not in self.warnings:
+            self.warnings.append(warning)
         mean, whitening = self.accumulator.finalize(self.config["padim"]["epsilon"])
         config = dict(self.config)
         config["padim"] = dict(config["padim"], n_train=self.accumulator.count)
+        config["calibration"] = self.calibration
         state = {k: v.clone() for k, v in self.embedding.patch_embedding.extractor.state_dict().items()}
         return PadimBundle(config, state, mean, whitening)
 
 
-def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0):
-    """Fit PaDiM on an iterable of uint8 ``[B, H, W, 3]`` batches (or ``(batch, paths)`` pairs)."""
+def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0,
+              folds=thresholds.DEFAULT_FOLDS, quantile=thresholds.DEFAULT_QUANTILE, batch_size=16):
+    """Fit PaDiM on an iterable of uint8 ``[B, H, W, 3]`` batches (or ``(batch, paths)`` pairs).
+
+    folds: ``"n"`` (leave-one-out) or K of the out-of-sample thresholds (0: none; the frames are then not
+    kept in memory); quantile: the normal-score quantile they target. The fitter's warnings (too few images for D,
+    ...) are issued with ``warnings.warn``.
+    """
     fitter = PadimFitter(backbone, weights, input_hw, dim, seed)
+    kept = []
     for item in batches:
-        fitter.update(item[0] if isinstance(item, tuple) else item)
-    return fitter.bundle()
+        frames = np.asarray(item[0] if isinstance(item, tuple) else item)
+        fitter.update(frames)
+        if folds:
+            kept.append(frames)
+    if folds:
+        frames = np.concatenate(kept)
+
+        def load_images(indices):
+            return (frames[indices[i:i + batch_size]] for i in range(0, len(indices), batch_size))
+
+        fitter.calibrate_out_of_sample(load_images, len(frames), folds, quantile, seed)
+    bundle = fitter.bundle()
+    for message in fitter.warnings:
+        warnings.warn(message, stacklevel=2)
+    return bundle
