@@ -23,17 +23,22 @@ demo: $(STAMP)
 	$(VENV)/bin/edgead demo --out demo_out
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -ra tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --out bench_out
 	$(PY) benchmarks/backbone_auroc.py --out bench_out
 	$(PY) benchmarks/latency_table.py --out bench_out
+	$(PY) benchmarks/default_thresholds.py --out bench_out
+	$(PY) benchmarks/padim_reference.py --out bench_out
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --quick --out bench_out/quick
 	$(PY) benchmarks/backbone_auroc.py --quick --out bench_out/quick
 	$(PY) benchmarks/latency_table.py --quick --out bench_out/quick
+	$(PY) benchmarks/default_thresholds.py --quick --out bench_out/quick
+	$(PY) benchmarks/padim_reference.py --quick --out bench_out/quick
 
 # anomalib 2.7 lives in its own venv (shares torch/timm with .venv through a .pth file).
 # ORT_INCLUDE=<onnxruntime include dir> also builds libedgead_ort.so first, so the plugin flavour is timed too

@@ -55,13 +55,13 @@ def main():
             if not use_random:
                 try:
                     bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "imagenet",
-                                                 (args.size, args.size), None, 0, 16, train_threshold=False)
+                                                 (args.size, args.size), None, 0, 16, folds=0)
                     weights = bundle.config["backbone"]["weights"]
                 except WeightsError:
                     use_random = True
             if use_random:
                 bundle, summary = fit_bundle(folder, os.path.join(with_tmp, backbone, category), backbone, "random",
-                                             (args.size, args.size), None, 0, 16, train_threshold=False)
+                                             (args.size, args.size), None, 0, 16, folds=0)
                 weights = "random init"
             result = evaluate_category(bundle, MvtecCategory(folder), overlays=False)
             rows.append({"backbone": backbone, "weights": weights, "category": category,

@@ -50,7 +50,7 @@ def copy_bandwidth_gbps(torch, nbytes=1 << 30, iters=10):
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_ms(torch, lambda: dst.copy_(src), 3, iters)
-    del src, dst
+    src = dst = None  # free before empty_cache (rebinding: the lambda above keeps the names)
     torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
@@ -93,11 +93,11 @@ def bench_one(torch, cuda_kernel, lib, n, dim, num_patches, dtype_name, bandwidt
         run_kernel()
         torch.cuda.synchronize()
         max_rel = float(((out - expected).abs() / expected.clamp_min(1e-12)).max())
-        del dense
+        dense = None
     row.update(torch_ms=None if torch_ms is None else round(torch_ms, 4),
                speedup_vs_torch=None if torch_ms is None else round(torch_ms / kernel_ms, 2),
                max_rel_diff_vs_torch=max_rel)
-    del x, mean, w, out
+    x = mean = w = out = None
     torch.cuda.empty_cache()
     return row
 

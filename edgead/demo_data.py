@@ -36,6 +36,9 @@ from .errors import DataError
 
 DEFECT_TYPES = ("scratch", "hole", "cut", "stain")
 DEFAULT_CATEGORIES = ("brick", "grass", "gravel", "coffee")
+#: Categories built from photos the default demo never uses. They are for checking defaults (thresholds,
+#: backbones) on data they were not tuned on (``benchmarks/default_thresholds.py``).
+HELDOUT_CATEGORIES = ("tissue", "moon", "cells", "cat", "coins")
 _MARKER = ".edgead_demo.json"
 _FORMAT = 1
 _SS = 4  # supersampling factor of defect shapes
@@ -60,6 +63,14 @@ DEMO_CATEGORIES = {
     "gravel": _Spec("gravel", "texture", 256, 180.0, True, True, foreign="grass"),
     "coffee": _Spec("coffee", "object", 380, 3.0, False, False, foreign="brick",
                     center=(290.0, 200.0), max_shift=10.0),
+    # held-out style (HELDOUT_CATEGORIES): other bundled photos, same defect renderers
+    "tissue": _Spec("immunohistochemistry", "texture", 256, 180.0, True, True, foreign="moon"),
+    "moon": _Spec("moon", "texture", 256, 180.0, True, True, foreign="tissue"),
+    "cells": _Spec("cell", "texture", 256, 180.0, True, True, foreign="tissue"),
+    "cat": _Spec("chelsea", "object", 280, 3.0, False, False, foreign="moon",
+                 center=(225.0, 150.0), max_shift=8.0),
+    "coins": _Spec("coins", "object", 280, 2.0, False, False, foreign="tissue",
+                   center=(192.0, 152.0), max_shift=6.0),
 }
 
 DemoSample = collections.namedtuple(

@@ -21,19 +21,31 @@ def score_images(model, paths, input_hw, batch_size=8, desc=None, resize="area")
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def train_score_threshold(bundle, train_paths, batch_size=8, quantile=99.5):
-    """Fallback image threshold: the ``quantile`` percentile of the training images' own scores."""
-    _, scores = score_images(bundle.model(), train_paths, bundle.input_hw, batch_size, desc="train scores",
-                             resize=bundle.config["input"].get("resize", "area"))
-    return {"train_p995": float(np.percentile(scores, quantile)), "train_score_max": float(scores.max())}
+def rates_at_threshold(labels, scores, threshold):
+    """(false-positive rate on good images, recall on defective images) of ``score > threshold``.
+
+    The runtime's decision rule. Either rate is NaN when its class is absent or ``threshold`` is None.
+    """
+    labels = np.asarray(labels).astype(bool)
+    if threshold is None:
+        return float("nan"), float("nan")
+    flagged = np.asarray(scores, dtype=np.float64) > float(threshold)
+    fpr = float(flagged[~labels].mean()) if (~labels).any() else float("nan")
+    recall = float(flagged[labels].mean()) if labels.any() else float("nan")
+    return fpr, recall
 
 
-def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=8, max_overlays=None):
+def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=8, max_overlays=None,
+                      keep_scores=False):
     """Score ``category`` (an ``MvtecCategory``) with ``bundle``.
 
     Returns a dict: ``category``, ``n_good``, ``n_defect``, ``image_auroc``, ``pixel_auroc``, ``pro``
-    (AUPRO up to FPR 0.3), ``image_f1_max``, and ``calibration`` (thresholds from this set).
-    Writes ``out_dir/overlays/<defect>/<name>.png`` heatmap overlays when ``overlays``.
+    (AUPRO up to FPR 0.3), ``image_f1_max``; ``threshold`` (the bundle's image threshold, None when
+    uncalibrated), ``fpr`` / ``recall`` (good images flagged / defective images flagged at it, the
+    runtime's ``score > threshold``); and ``calibration`` (F1-max thresholds from this labelled set,
+    what ``eval --calibrate`` stores). Writes ``out_dir/overlays/<defect>/<name>.png`` heatmap
+    overlays with the bundle's own thresholds (what the device shows) when ``overlays``.
+    keep_scores: also return ``scores`` ``[N]`` float32 and ``labels`` ``[N]`` int64 (numpy, not JSON).
     """
     samples = category.test_samples()
     input_hw = bundle.input_hw
@@ -45,6 +57,7 @@ def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=
     masks = np.stack([
         read_mask(s.mask_path, input_hw) if s.mask_path else np.zeros(input_hw, bool) for s in samples
     ])
+    default = bundle.config.get("calibration") or {}
     result = {
         "category": name,
         "n_good": int((labels == 0).sum()),
@@ -52,13 +65,23 @@ def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=
         "image_auroc": metrics.image_auroc(labels, scores),
         "pixel_auroc": metrics.pixel_auroc(masks, maps) if masks.any() else float("nan"),
         "pro": metrics.pro_auc(masks, maps, fpr_limit=0.3) if masks.any() else float("nan"),
+        "threshold": default.get("image_threshold"),
+        "threshold_source": default.get("source"),
     }
+    result["fpr"], result["recall"] = rates_at_threshold(labels, scores, result["threshold"])
     result["image_f1_max"], _ = metrics.f1_max_threshold(labels, scores)
-    calibration = metrics.calibrate(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
-    result["calibration"] = calibration
+    if labels.all() or not labels.any():
+        result["calibration"] = None
+    else:
+        calibration = metrics.calibrate(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
+        calibration["provenance"] = {"method": "validation-f1max", "n_good": result["n_good"],
+                                     "n_defect": result["n_defect"], "data": os.path.normpath(category.root)}
+        result["calibration"] = calibration
     if overlays and out_dir:
-        write_overlays(samples, maps, scores, calibration, input_hw, os.path.join(out_dir, "overlays"),
+        write_overlays(samples, maps, scores, default, input_hw, os.path.join(out_dir, "overlays"),
                        resize, max_overlays)
+    if keep_scores:
+        result["scores"], result["labels"] = scores, labels
     return result
 
 
@@ -94,20 +117,34 @@ def _spread(samples, limit):
     return [i for idx in by_type.values() for i in idx[:per_type]]
 
 
+_TABLE_COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("PRO@0.3", "pro"),
+                  ("F1-max", "image_f1_max"), ("FPR@thr", "fpr"), ("recall@thr", "recall"))
+
+
 def format_table(results):
-    """Plain-text metrics table (one row per category + mean)."""
-    header = "{:<16} {:>6} {:>6} {:>11} {:>11} {:>8} {:>8}".format(
-        "category", "good", "defect", "image AUROC", "pixel AUROC", "PRO@0.3", "F1-max")
+    """Plain-text metrics table (one row per category + mean).
+
+    FPR@thr / recall@thr: good images flagged / defective images flagged at the bundle's default
+    image threshold (no labels used to set it).
+    """
+    header = "{:<16} {:>6} {:>6} ".format("category", "good", "defect") + " ".join(
+        "{:>11}".format(title) for title, _ in _TABLE_COLUMNS)
+
+    def row(label, good, defect, values):
+        return "{:<16} {:>6} {:>6} ".format(label[:16], good, defect) + " ".join(
+            "{:>11.3f}".format(v) for v in values)
+
     lines = [header, "-" * len(header)]
     for r in results:
-        lines.append("{:<16} {:>6} {:>6} {:>11.3f} {:>11.3f} {:>8.3f} {:>8.3f}".format(
-            r["category"][:16], r["n_good"], r["n_defect"], r["image_auroc"], r["pixel_auroc"], r["pro"],
-            r["image_f1_max"]))
+        lines.append(row(r["category"], r["n_good"], r["n_defect"], [r[key] for _, key in _TABLE_COLUMNS]))
     if len(results) > 1:
-        mean = {k: float(np.nanmean([r[k] for r in results])) for k in ("image_auroc", "pixel_auroc", "pro", "image_f1_max")}
-        lines.append("{:<16} {:>6} {:>6} {:>11.3f} {:>11.3f} {:>8.3f} {:>8.3f}".format(
-            "mean", "", "", mean["image_auroc"], mean["pixel_auroc"], mean["pro"], mean["image_f1_max"]))
+        lines.append(row("mean", "", "", [_nanmean([r[key] for r in results]) for _, key in _TABLE_COLUMNS]))
     return "\n".join(lines)
+
+
+def _nanmean(values):
+    values = np.asarray(values, dtype=np.float64)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
 
 
 def write_json(path, payload):

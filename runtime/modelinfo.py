@@ -11,6 +11,7 @@ Sources of the dict (docs/CONTRACTS.md, "model.json and ONNX metadata_props"):
 Every problem raises ``edgead.errors.ModelFileError`` naming the file. Torch-free.
 """
 import json
+import math
 import os
 
 from edgead.errors import ModelFileError
@@ -111,8 +112,15 @@ def validate_model_info(info, path):
         if not isinstance(calibration, dict):
             raise ModelFileError("{}: metadata 'calibration' must be an object or null".format(path))
         for key, value in calibration.items():
-            if key != "source" and value is not None and not isinstance(value, (int, float)):
-                raise ModelFileError("{}: metadata calibration.{} must be a number or null, got {!r}".format(
+            if key == "source":
+                continue
+            if key == "provenance":
+                if not isinstance(value, dict):
+                    raise ModelFileError("{}: metadata calibration.provenance must be an object".format(path))
+                continue
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ModelFileError("{}: metadata calibration.{} must be a finite number or null, got {!r}".format(
                     path, key, value))
     info.setdefault("calibration", None)
     return info
@@ -127,13 +135,15 @@ def thresholds(info):
     """Decision thresholds and heatmap range from ``info["calibration"]``.
 
     Returns dict (floats in anomaly-map units, or None when unknown):
-        ``image_threshold``: score above it = anomalous frame (``calibration.image_threshold``,
-        else the training fallback ``train_p995``);
+        ``image_threshold``: score above it = anomalous frame (``calibration.image_threshold``);
         ``pixel_threshold``: map above it = anomalous pixel, used for boxes (``pixel_threshold``,
         else the image threshold);
-        ``vmin`` / ``vmax``: heatmap colour range (``score_min`` / ``score_max``, else
-        ``train_score_max`` for vmax; None means per-frame min/max);
-        ``source``: where they came from (``validation``, ``train``, ... or None).
+        ``vmin`` / ``vmax``: heatmap colour range (``score_min`` / ``score_max``; None means
+        per-frame min/max);
+        ``source``: where they came from (``normal-oos``, ``validation``, ... or None).
+
+    The in-sample ``train_p995`` that edgead 0.1 stored is never used as a threshold: training
+    images score themselves too low, so it flags normal frames (see ``model_warnings``).
     """
     cal = info.get("calibration") or {}
 
@@ -142,17 +152,49 @@ def thresholds(info):
         return None if value is None else float(value)
 
     image_threshold = num("image_threshold")
-    if image_threshold is None:
-        image_threshold = num("train_p995")
     pixel_threshold = num("pixel_threshold")
     if pixel_threshold is None:
         pixel_threshold = image_threshold
-    vmax = num("score_max")
-    if vmax is None:
-        vmax = num("train_score_max")
     return {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
-            "vmin": num("score_min"), "vmax": vmax, "source": cal.get("source")}
+            "vmin": num("score_min"), "vmax": num("score_max"), "source": cal.get("source")}
 
+
+def model_warnings(info):
+    """One-line warnings about a model exported by an older edgead (list of str, empty when none)."""
+    found = []
+    cal = info.get("calibration") or {}
+    if cal.get("image_threshold") is None and cal.get("train_p995") is not None:
+        found.append("the model's only threshold is the in-sample train_p995 of an older edgead, which flags "
+                     "normal frames; it is ignored (refit with `edgead fit` for out-of-sample thresholds)")
+    backbone = info.get("backbone") or {}
+    if backbone.get("name") == "efficientnet_lite0" and "arch" not in backbone:
+        found.append("exported from a bundle fitted with edgead 0.1's efficientnet_lite0 network (symmetric "
+                     "padding, not the TF network its weights need): maps are offset and less accurate; refit "
+                     "and export again")
+    return found
+
+
+def describe_thresholds(calibration):
+    """One line saying where the thresholds of a ``calibration`` dict come from (None: uncalibrated)."""
+    if not calibration or calibration.get("image_threshold") is None:
+        return "no image threshold: frames are not classified (fit with out-of-sample thresholds, or eval --calibrate)"
+    prov = calibration.get("provenance") or {}
+    head = "image threshold {:.4g}, pixel threshold {:.4g}".format(
+        calibration["image_threshold"], calibration.get("pixel_threshold") or calibration["image_threshold"])
+    if calibration.get("source") == "normal-oos":
+        resolved = "" if prov.get("rank", 0) < prov.get("n_normal", 0) else ", the largest: too few images to resolve it"
+        how = ("leave-one-out" if prov.get("method") == "padim-leave-one-out"
+               else "{}-fold".format(prov.get("folds")))
+        return ("{}: {} out-of-sample scores of {} normal images, quantile {} (rank {}/{}{}); expected false-"
+                "positive rate {:.1%} (95% upper bound {:.1%})".format(
+                    head, how, prov.get("n_normal"), prov.get("quantile"), prov.get("rank"),
+                    prov.get("n_normal"), resolved, prov.get("expected_fpr", float("nan")),
+                    prov.get("fpr_upper95", float("nan"))))
+    if prov.get("method") == "validation-f1max" or calibration.get("source") == "validation":
+        counts = " ({} good, {} defective{})".format(
+            prov["n_good"], prov["n_defect"], ", " + prov["data"] if prov.get("data") else "") if "n_good" in prov else ""
+        return "{}: F1-max on labelled validation images{}".format(head, counts)
+    return "{}: source {}".format(head, calibration.get("source") or "unknown")
 
 # --- minimal protobuf reader: top-level ModelProto.metadata_props, without onnx/onnxruntime ---------
 

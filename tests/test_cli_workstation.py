@@ -49,8 +49,40 @@ def bundle_dir(category, tmp_path_factory):
                    "--dim", "16", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["n_train"] == 8 and summary["calibration"]["train_p995"] > 0
+    calibration = summary["calibration"]
+    assert summary["n_train"] == 8 and calibration["source"] == "normal-oos"
+    provenance = calibration["provenance"]
+    assert provenance["method"] == "padim-leave-one-out"
+    assert (provenance["folds"], provenance["quantile"], provenance["n_normal"], provenance["rank"]) == (8, 0.995, 8, 8)
+    assert calibration["image_threshold"] == calibration["pixel_threshold"] == provenance["normal_score_max"] > 0
     return out
+
+
+def test_fit_stores_out_of_sample_thresholds_and_export_carries_them(bundle_dir, tmp_path):
+    """model.json and the ONNX metadata hold the same thresholds and provenance; run prints it at start."""
+    from edgead.runtime import modelinfo
+
+    config = json.load(open(os.path.join(bundle_dir, "model.json")))
+    onnx_path = str(tmp_path / "m.onnx")
+    assert _run(["export", bundle_dir, "-o", onnx_path, "--precision", "fp32"]).exit_code == 0
+    info = modelinfo.load_model_info(onnx_path)
+    assert info["calibration"] == config["calibration"]
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    result = runner.invoke(cli, ["run", onnx_path, "--source", "synthetic://?frames=2", "--json"])
+    assert result.exit_code == 0, result.output
+    stderr = result.stderr if result.stderr else result.output
+    assert "leave-one-out out-of-sample scores of 8 normal images, quantile 0.995" in stderr
+    assert "expected false-positive rate 11.1%" in stderr  # rank 8 of 8: 1 / 9
+
+
+def test_fit_warns_once_when_covariance_is_rank_deficient(category, tmp_path):
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    result = runner.invoke(cli, ["fit", category, "-o", str(tmp_path / "b"), "--backbone", "resnet18", "--weights",
+                                 "random", "--size", "64", "--dim", "16", "--folds", "0"])
+    assert result.exit_code == 0, result.output
+    stderr = result.stderr if result.stderr else result.output
+    assert stderr.count("rank <= 7 < 16") == 1 and "17 images make it full rank" in stderr
+    assert json.load(open(str(tmp_path / "b" / "model.json")))["calibration"] is None
 
 
 def test_eval_prints_table_writes_json_and_overlays(bundle_dir, category, tmp_path):
@@ -63,8 +95,13 @@ def test_eval_prints_table_writes_json_and_overlays(bundle_dir, category, tmp_pa
     assert metrics["image_auroc"] == pytest.approx(1.0)  # magenta blobs on blurred noise: trivially separable
     assert 0.0 <= metrics["pro"] <= 1.0
     assert len(os.listdir(os.path.join(out, "overlays", "spot"))) == 3
+    assert "FPR@thr" in result.output and "recall@thr" in result.output
+    # rates at the stored out-of-sample threshold, measured before --calibrate replaced it
+    assert metrics["threshold_source"] == "normal-oos"
+    assert 0.0 <= metrics["fpr"] <= 1.0 and metrics["recall"] == pytest.approx(1.0)
     config = json.load(open(os.path.join(bundle_dir, "model.json")))
     assert config["calibration"]["image_threshold"] == pytest.approx(metrics["calibration"]["image_threshold"])
+    assert config["calibration"]["provenance"]["method"] == "validation-f1max"
 
 
 def test_export_then_compare_within_tolerance(bundle_dir, category, tmp_path):
@@ -85,6 +122,7 @@ def test_export_then_compare_within_tolerance(bundle_dir, category, tmp_path):
     (["eval", "{tmp}/missing", "{category}"], "not a bundle folder"),
     (["export", "{tmp}/missing", "-o", "{tmp}/x.onnx"], "not a bundle folder"),
     (["fit", "{category}", "-o", "{tmp}/b", "--weights", "{tmp}/nope.pth"], "nope.pth"),
+    (["fit", "{category}", "-o", "{tmp}/b", "--folds", "1"], "--folds must be n"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, category, tmp_path):
     empty = tmp_path / "empty"

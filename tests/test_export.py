@@ -108,7 +108,7 @@ def test_plugin_node_contract(tiny_bundle):
 def test_plugin_flavour_on_cpu_via_substitution(tiny_bundle, frames):
     """The plugin graph, with its node swapped for standard ops, equals the onnx flavour and torch."""
     plugin_model = onnx_export.build_onnx(tiny_bundle, "plugin", "fp32", 3)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="PadimMahalanobis"):
         _session(plugin_model)  # ONNX Runtime has no PadimMahalanobis kernel
     substituted = plugin_substitute.substitute_plugin(plugin_model)
     assert not plugin_substitute.has_plugin(substituted)

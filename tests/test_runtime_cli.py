@@ -36,7 +36,7 @@ def test_run_json_lines_video_and_report(model, tmp_path):
     result = _invoke(["run", model, "--source", "synthetic://?width=96&height=80&frames=6&defect=3",
                       "--save", str(video), "--report", str(rep), "--json", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]  # stderr: the threshold line
     frames, final = lines[:-1], lines[-1]["report"]
     assert [f["frame"] for f in frames] == list(range(6))
     assert [f["anomalous"] for f in frames] == [True, False, False, True, False, False]
@@ -69,7 +69,7 @@ def test_run_images_to_folder_text_output(model, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == ["x.png", "y.png"]
     assert cv2.imread(str(out / "y.png")).shape == (50, 40, 3)
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     assert "x.png" in lines[0] and " ok " in lines[0]
     assert "y.jpg" in lines[1] and "ANOMALY" in lines[1] and "boxes  1" in lines[1]
     assert any(line.startswith("infer") for line in lines) and "wrote 2 frame(s)" in result.output
@@ -78,7 +78,7 @@ def test_run_images_to_folder_text_output(model, tmp_path):
 def test_run_max_frames(model):
     result = _invoke(["run", model, "--source", "synthetic://?frames=0", "--max-frames", "3", "--json"])
     assert result.exit_code == 0
-    assert len(result.output.strip().splitlines()) == 4
+    assert len(result.stdout.strip().splitlines()) == 4
 
 
 def test_bench_json_report_and_plot(model, tmp_path):

@@ -95,11 +95,42 @@ def test_thresholds_fallbacks():
                   "source": "validation"}
     no_pixel = dict(FAKE_CALIBRATION, pixel_threshold=None)
     assert modelinfo.thresholds(fake_metadata(calibration=no_pixel))["pixel_threshold"] == 200.0
+    # edgead 0.1's in-sample train_p995 flags normal frames: never a threshold, and the runtime says why
     train = {"train_p995": 12.5, "train_score_max": 20.0, "source": "train"}
-    th = modelinfo.thresholds(fake_metadata(calibration=train))
-    assert (th["image_threshold"], th["pixel_threshold"], th["vmin"], th["vmax"]) == (12.5, 12.5, None, 20.0)
+    info = fake_metadata(calibration=train)
+    th = modelinfo.thresholds(info)
+    assert (th["image_threshold"], th["pixel_threshold"], th["vmin"], th["vmax"]) == (None, None, None, None)
+    assert any("in-sample train_p995" in w for w in modelinfo.model_warnings(info))
+    assert modelinfo.model_warnings(fake_metadata()) == []
     th = modelinfo.thresholds(fake_metadata(calibration=None))
     assert th["image_threshold"] is None and th["pixel_threshold"] is None
+
+
+def test_legacy_lite0_export_is_flagged_and_provenance_is_described():
+    info = fake_metadata()
+    info["backbone"] = {"name": "efficientnet_lite0", "out_indices": [1, 2, 3]}  # edgead 0.1: no arch
+    assert any("refit and export again" in w for w in modelinfo.model_warnings(info))
+    info["backbone"]["arch"] = "tf_efficientnet_lite0"
+    assert modelinfo.model_warnings(info) == []
+    kfold = {"image_threshold": 7.5, "pixel_threshold": 7.5, "source": "normal-oos",
+             "provenance": {"method": "padim-leave-fold-out", "folds": 5, "quantile": 0.995, "n_normal": 300,
+                            "rank": 299, "expected_fpr": 0.006645, "fpr_upper95": 0.015692}}
+    assert modelinfo.describe_thresholds(kfold) == (
+        "image threshold 7.5, pixel threshold 7.5: 5-fold out-of-sample scores of 300 normal images, quantile 0.995 "
+        "(rank 299/300); expected false-positive rate 0.7% (95% upper bound 1.6%)")
+    assert "too few images to resolve it" in modelinfo.describe_thresholds(
+        dict(kfold, provenance=dict(kfold["provenance"], n_normal=50, rank=50)))
+    loo = dict(kfold, provenance=dict(kfold["provenance"], method="padim-leave-one-out", folds=300))
+    assert "leave-one-out out-of-sample scores of 300 normal images" in modelinfo.describe_thresholds(loo)
+    assert modelinfo.describe_thresholds(None).startswith("no image threshold")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "12"])
+def test_calibration_numbers_must_be_finite_numbers(tmp_path, bad):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(fake_metadata(calibration=dict(FAKE_CALIBRATION, image_threshold=bad))))
+    with pytest.raises(ModelFileError, match="calibration.image_threshold must be a finite number"):
+        modelinfo.load_model_info(path)
 
 
 # --- engine -------------------------------------------------------------------------------------------

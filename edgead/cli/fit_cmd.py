@@ -38,34 +38,51 @@ def _training_paths(data):
     return list_images(data), None
 
 
-def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, train_threshold=True, val=None):
-    """Fit + optional calibration + save. Returns (bundle, summary dict)."""
+def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds="n", quantile=0.995, val=None):
+    """Fit + thresholds + save. Returns (bundle, summary dict); warnings go to stderr, one line each.
+
+    Thresholds: F1-max on the labelled category ``val`` when given, else out of sample from the
+    training images (``folds``: ``"n"`` leave-one-out, K >= 2 K-fold, 0 leaves the model uncalibrated).
+    """
     from edgead.data import ImageBatches, MvtecCategory
-    from edgead.evaluate import evaluate_category, train_score_threshold
+    from edgead.evaluate import evaluate_category
     from edgead.fit import PadimFitter
 
+    from edgead.thresholds import parse_folds
+
+    folds = parse_folds(folds)  # before the long work starts
     paths, _ = _training_paths(data)
+    name = os.path.basename(os.path.normpath(data))
     started = time.perf_counter()
     fitter = PadimFitter(backbone, weights, size, dim, seed)
-    for frames, _ in ImageBatches(paths, size, batch_size=batch_size, desc="fit {}".format(os.path.basename(
-            os.path.normpath(data)))):
+    for frames, _ in ImageBatches(paths, size, batch_size=batch_size, desc="fit {}".format(name)):
         fitter.update(frames)
-    bundle = fitter.bundle()
     fit_seconds = time.perf_counter() - started
-    calibration = {}
-    if train_threshold:
-        calibration.update(train_score_threshold(bundle, paths, batch_size))
+    if folds and not val:
+        def load_images(indices):
+            return (frames for frames, _ in ImageBatches([paths[i] for i in indices], size, batch_size=batch_size))
+
+        fitter.calibrate_out_of_sample(load_images, len(paths), folds, quantile, seed)
+    bundle = fitter.bundle()
+    for warning in fitter.warnings:
+        click.echo("edgead: warning: {}: {}".format(data, warning), err=True)
     if val:
         result = evaluate_category(bundle, MvtecCategory(val), overlays=False, batch_size=batch_size)
-        calibration.update(result["calibration"])
-    if calibration:
-        calibration.setdefault("source", "train")
-        bundle.config["calibration"] = calibration
+        if result["calibration"] is None:
+            raise DataError("{}: --val needs both good and defective test images".format(val))
+        bundle.config["calibration"] = result["calibration"]
     bundle.save(out)
     summary = {"bundle": out, "n_train": len(paths), "fit_seconds": round(fit_seconds, 2),
+               "total_seconds": round(time.perf_counter() - started, 2),
                "backbone": bundle.config["backbone"], "dim": bundle.config["embedding"]["dim"],
-               "calibration": bundle.config["calibration"]}
+               "calibration": bundle.config["calibration"], "warnings": list(fitter.warnings)}
     return bundle, summary
+
+
+def _describe(calibration):
+    from edgead.runtime.modelinfo import describe_thresholds
+
+    return describe_thresholds(calibration)
 
 
 @click.command("fit")
@@ -75,13 +92,24 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, train_
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet (offline: Lite0 package or local timm/torchvision cache), random, or a weights FILE.")
 @click.option("--size", default="256", show_default=True, help="Input size HxW (or one number), multiple of 16.")
 @click.option("--dim", type=int, default=None, help="Embedding dimension D (default: 100, 550 for wide_resnet50_2).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random channel subset.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random channel subset and the folds.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--val", type=click.Path(), default=None, help="MVTec-layout category whose test/ split calibrates the thresholds.")
-@click.option("--train-threshold/--no-train-threshold", default=True, show_default=True, help="Score the training images to store a fallback threshold (99.5th percentile).")
+@click.option("--folds", default="n", show_default=True,
+              help="Learn the image/pixel thresholds from the training images out of sample, each scored by the "
+                   "model fitted without it (one extra pass). n: leave-one-out, exact in closed form; K >= 2: "
+                   "K-fold; 0: no thresholds.")
+@click.option("--quantile", type=click.FloatRange(0.5, 1.0, min_open=False, max_open=True), default=0.995,
+              show_default=True, help="Quantile of the out-of-sample normal scores used as the threshold.")
+@click.option("--val", type=click.Path(), default=None, help="A separate labelled MVTec-layout category (not the test "
+              "set you report) whose test/ split sets F1-max thresholds instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def fit(data, out, backbone, weights, size, dim, seed, batch_size, val, train_threshold, as_json):
+def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quantile, val, as_json):
     """Fit PaDiM on good images (an MVTec category's train/good, or any image folder / glob).
+
+    The default thresholds come from the good images alone: each image is scored by the model fitted
+    without it (leave-one-out, exact; or --folds K), and the --quantile of those out-of-sample scores
+    is stored with its provenance (and the false-positive rate it implies) in model.json and the
+    exported model.
 
     \b
     Example:
@@ -89,12 +117,13 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, val, train_th
       edgead fit 'parts/good/*.png' -o parts.edgead --backbone resnet18 --weights resnet18.safetensors
     """
     _, summary = fit_bundle(data, out, backbone, weights, _parse_size(size), dim, seed, batch_size,
-                            train_threshold, val)
+                            folds, quantile, val)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo("fitted {} on {} images in {:.1f} s (D = {}) -> {}".format(
-            summary["backbone"]["name"], summary["n_train"], summary["fit_seconds"], summary["dim"], out))
+            summary["backbone"]["name"], summary["n_train"], summary["total_seconds"], summary["dim"], out))
+        click.echo(_describe(summary["calibration"]))
 
 
 @click.command("eval")
@@ -102,11 +131,13 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, val, train_th
 @click.argument("data", type=click.Path())
 @click.option("--out", type=click.Path(), default=None, help="Folder for metrics.json and overlay PNGs.")
 @click.option("--overlays/--no-overlays", default=True, show_default=True)
-@click.option("--calibrate", is_flag=True, help="Store the F1-max thresholds from this set in the bundle.")
+@click.option("--calibrate", is_flag=True, help="Store the F1-max thresholds of this labelled set in the bundle "
+              "(replaces the out-of-sample ones; use a split you do not report on).")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
-    """Image AUROC, pixel AUROC, PRO (AUPRO to FPR 0.3) and F1-max on an MVTec-layout test set.
+    """Image AUROC, pixel AUROC, PRO (AUPRO to FPR 0.3), F1-max, and the false-positive rate and recall
+    at the bundle's stored threshold, on an MVTec-layout test set.
 
     \b
     Example:
@@ -125,8 +156,12 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
         raise DataError("{}: no test/ folder to evaluate on".format(categories[0]))
     result = evaluate_category(bundle, category, out, overlays and out is not None, batch_size)
     if calibrate:
-        bundle.config["calibration"] = dict(bundle.config.get("calibration") or {}, **result["calibration"])
+        if result["calibration"] is None:
+            raise DataError("{}: --calibrate needs both good and defective test images".format(categories[0]))
+        bundle.config["calibration"] = result["calibration"]
         bundle.save(bundle_dir)
+        click.echo("edgead: warning: {}: thresholds now come from this set; metrics at the threshold on this same "
+                   "set are optimistic, report them on another split".format(bundle_dir), err=True)
     if out:
         write_json(os.path.join(out, "metrics.json"), result)
     click.echo(json.dumps(result, indent=2) if as_json else format_table([result]))
@@ -164,18 +199,19 @@ def demo(out, backbone, weights, size, categories, seed, export, quick):
     for name in names:
         category_dir = os.path.join(data_root, name)
         bundle_dir = os.path.join(out, "models", name)
-        bundle, summary = fit_bundle(category_dir, bundle_dir, backbone, weights, input_hw, None, seed, 16,
-                                     train_threshold=False)
+        bundle, summary = fit_bundle(category_dir, bundle_dir, backbone, weights, input_hw, None, seed, 16)
         result = evaluate_category(bundle, MvtecCategory(category_dir), os.path.join(out, "eval", name),
                                    overlays=True, max_overlays=12)
-        bundle.config["calibration"] = dict(result["calibration"], source="demo test split")
-        bundle.save(bundle_dir)
         result["fit_seconds"] = summary["fit_seconds"]
         results.append(result)
-        click.echo("{}: image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}".format(
-            name, result["image_auroc"], result["pixel_auroc"], result["pro"]))
+        click.echo("{}: image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}  FPR {:.3f}  recall {:.3f} at the "
+                   "default threshold".format(name, result["image_auroc"], result["pixel_auroc"], result["pro"],
+                                              result["fpr"], result["recall"]))
+        click.echo("  " + _describe(bundle.config["calibration"]))
     click.echo("")
     click.echo(format_table(results))
+    click.echo("FPR@thr / recall@thr: good / defective test images flagged at the default threshold, learned from "
+               "the training images alone (out of sample); the test split set nothing.")
     write_json(os.path.join(out, "metrics.json"), {"backbone": backbone, "input": list(input_hw), "results": results})
     if export:
         from edgead.exporters import compare as cmp

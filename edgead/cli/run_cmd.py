@@ -158,6 +158,7 @@ def run(model, source_uri, save, show, report_path, backend, providers, threads,
 
     engine = _open_engine(model, backend, providers, threads)
     with engine:
+        _print_model_summary(model, engine.model_info)
         source = sources.make_source(source_uri, size=engine.input_shape[1:3])
         pipeline = Pipeline(engine, source, batch_size=batch_size, queue_size=queue_size, max_frames=max_frames,
                             annotate=bool(save or show))
@@ -207,6 +208,16 @@ def run(model, source_uri, save, show, report_path, backend, providers, threads,
         raise lost
     if interrupted:
         raise click.exceptions.Exit(130)
+
+
+def _print_model_summary(model, info):
+    """Threshold provenance and legacy-model warnings, once, on stderr (stdout carries the frames)."""
+    from edgead.runtime import modelinfo
+
+    click.echo("{}: {}".format(os.path.basename(model), modelinfo.describe_thresholds(info.get("calibration"))),
+               err=True)
+    for warning in modelinfo.model_warnings(info):
+        click.echo("edgead: warning: {}: {}".format(model, warning), err=True)
 
 
 def _close_windows():
