@@ -71,7 +71,7 @@ def main():
         result = evaluate_category(bundle, category, overlays=False, keep_scores=True)
         scores, labels = result.pop("scores"), result.pop("labels")
         results.append(result)
-        prov = bundle.config["calibration"]["provenance"]
+        prov = bundle.config["calibration_provenance"]
         rows.append({"category": name, "set": "held-out style" if name in held_out else "demo",
                      "n_train": summary["n_train"], "n_good": result["n_good"], "n_defect": result["n_defect"],
                      "image_auroc": round(result["image_auroc"], 4), "pixel_auroc": round(result["pixel_auroc"], 4),

@@ -118,9 +118,9 @@ def create_feature_extractor(name, input_hw=None):
     """
     spec = get_spec(name)
     model = _truncate(_create_timm_features(spec))
+    model.eval()  # before the shape probe in freeze_same_padding: BN statistics stay untouched
     if input_hw is not None:
         freeze_same_padding(model, input_hw)
-    model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model

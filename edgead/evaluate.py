@@ -42,8 +42,8 @@ def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=
     Returns a dict: ``category``, ``n_good``, ``n_defect``, ``image_auroc``, ``pixel_auroc``, ``pro``
     (AUPRO up to FPR 0.3), ``image_f1_max``; ``threshold`` (the bundle's image threshold, None when
     uncalibrated), ``fpr`` / ``recall`` (good images flagged / defective images flagged at it, the
-    runtime's ``score > threshold``); and ``calibration`` (F1-max thresholds from this labelled set,
-    what ``eval --calibrate`` stores). Writes ``out_dir/overlays/<defect>/<name>.png`` heatmap
+    runtime's ``score > threshold``); and ``calibration`` / ``calibration_provenance`` (F1-max
+    thresholds from this labelled set, what ``eval --calibrate`` stores; None without both classes). Writes ``out_dir/overlays/<defect>/<name>.png`` heatmap
     overlays with the bundle's own thresholds (what the device shows) when ``overlays``.
     keep_scores: also return ``scores`` ``[N]`` float32 and ``labels`` ``[N]`` int64 (numpy, not JSON).
     """
@@ -70,13 +70,12 @@ def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=
     }
     result["fpr"], result["recall"] = rates_at_threshold(labels, scores, result["threshold"])
     result["image_f1_max"], _ = metrics.f1_max_threshold(labels, scores)
-    if labels.all() or not labels.any():
-        result["calibration"] = None
-    else:
-        calibration = metrics.calibrate(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
-        calibration["provenance"] = {"method": "validation-f1max", "n_good": result["n_good"],
-                                     "n_defect": result["n_defect"], "data": os.path.normpath(category.root)}
-        result["calibration"] = calibration
+    result["calibration"] = result["calibration_provenance"] = None
+    if not (labels.all() or not labels.any()):
+        result["calibration"] = metrics.calibrate(labels, scores, masks if masks.any() else None,
+                                                  maps if masks.any() else None)
+        result["calibration_provenance"] = {"method": "validation-f1max", "n_good": result["n_good"],
+                                            "n_defect": result["n_defect"], "data": os.path.normpath(category.root)}
     if overlays and out_dir:
         write_overlays(samples, maps, scores, default, input_hw, os.path.join(out_dir, "overlays"),
                        resize, max_overlays)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from edgead import backbones, blur, padim, thresholds
 from edgead.bundle import PadimBundle
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_channels
-from edgead.errors import ConfigError
+from edgead.errors import ConfigError, DataError
 from edgead.weights import load_backbone
 
 
@@ -70,7 +70,7 @@ class PadimFitter:
         self.embedding = FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
         grid_h, grid_w = cfg["embedding"]["grid"]
         self.accumulator = padim.GaussianAccumulator(grid_h * grid_w, cfg["embedding"]["dim"])
-        self.calibration = None
+        self.calibration = self.calibration_provenance = None
         self.warnings = []
 
     @torch.no_grad()
@@ -130,11 +130,14 @@ class PadimFitter:
         """
         whitening = self.accumulator.leave_one_out_whitening(self.config["padim"]["epsilon"])
         scores, medians = [], []
-        for frames in tqdm(batches, desc=desc, unit="batch", leave=False):
+        progress = tqdm(total=self.accumulator.count, desc=desc, unit="img", leave=False)
+        for frames in batches:
+            progress.update(len(frames))
             distance = self.accumulator.leave_one_out_distance(self.embed(frames), whitening)
             batch_scores, batch_medians = self._map_stats(distance)
             scores.append(batch_scores)
             medians.append(batch_medians)
+        progress.close()
         return np.concatenate(scores), np.concatenate(medians)
 
     def calibrate_out_of_sample(self, load_images, n_images, folds=thresholds.DEFAULT_FOLDS,
@@ -147,8 +150,11 @@ class PadimFitter:
         model of the other n - 1 (the least biased choice: with fewer images than dimensions, a model of
         (k-1)/k of them scores new images markedly higher than the full model does); an int K >= 2: K-fold
         by subtracting each fold's sums. With fewer than ``thresholds.MIN_IMAGES`` images the model stays
-        uncalibrated and a warning says so. Returns the calibration dict (also kept for ``bundle()``).
+        uncalibrated and a warning says so, as it does when the images are copies of one another.
+        Returns the calibration dict (kept with its provenance for ``bundle()``), or None.
         """
+        quantile = thresholds.check_quantile(quantile)
+        folds = thresholds.parse_folds(folds)
         if n_images != self.accumulator.count:
             raise ValueError("{} images to calibrate on, but {} were fitted".format(n_images, self.accumulator.count))
         if n_images < thresholds.MIN_IMAGES:
@@ -156,7 +162,6 @@ class PadimFitter:
                                  "not be classified (use at least {}, or eval --calibrate on a labelled split)".format(
                                      n_images, thresholds.MIN_IMAGES))
             return None
-        folds = thresholds.parse_folds(folds)
         if folds == "n" or folds >= n_images:
             scores, medians = self.leave_one_out_scores(load_images(np.arange(n_images)))
             method, folds = "padim-leave-one-out", n_images
@@ -165,7 +170,11 @@ class PadimFitter:
             scores, medians = self.out_of_sample_scores(
                 load_images(np.flatnonzero(assignment == fold)) for fold in range(folds))
             method = "padim-leave-fold-out"
-        self.calibration = thresholds.normal_calibration(scores, medians, folds, quantile, method)
+        try:
+            self.calibration, self.calibration_provenance = thresholds.normal_calibration(
+                scores, medians, folds, quantile, method)
+        except DataError as exc:
+            self.warnings.append("{}; frames will not be classified".format(exc))
         return self.calibration
 
     def covariance_warning(self):
@@ -185,7 +194,7 @@ class PadimFitter:
         mean, whitening = self.accumulator.finalize(self.config["padim"]["epsilon"])
         config = dict(self.config)
         config["padim"] = dict(config["padim"], n_train=self.accumulator.count)
-        config["calibration"] = self.calibration
+        thresholds.set_calibration(config, self.calibration, self.calibration_provenance)
         state = {k: v.clone() for k, v in self.embedding.patch_embedding.extractor.state_dict().items()}
         return PadimBundle(config, state, mean, whitening)
 
@@ -198,6 +207,7 @@ def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_
     kept in memory); quantile: the normal-score quantile they target. The fitter's warnings (too few images for D,
     ...) are issued with ``warnings.warn``.
     """
+    folds, quantile = thresholds.parse_folds(folds), thresholds.check_quantile(quantile)  # before the long work
     fitter = PadimFitter(backbone, weights, input_hw, dim, seed)
     kept = []
     for item in batches:
@@ -209,6 +219,8 @@ def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_
         frames = np.concatenate(kept)
 
         def load_images(indices):
+            if len(indices) == len(frames) and np.array_equal(indices, np.arange(len(frames))):
+                return iter(kept)  # leave-one-out: the very batches of the fit, so embeddings match bit for bit
             return (frames[indices[i:i + batch_size]] for i in range(0, len(indices), batch_size))
 
         fitter.calibrate_out_of_sample(load_images, len(frames), folds, quantile, seed)

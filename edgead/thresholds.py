@@ -30,6 +30,9 @@ DEFAULT_QUANTILE = 0.995
 DEFAULT_FOLDS = "n"
 #: Fewest training images for which out-of-sample thresholds are computed.
 MIN_IMAGES = 4
+#: Out-of-sample scores all below this (distance units; normal images score ~10-1000) mean the training
+#: images are copies of one another: no threshold can be learned from them.
+DEGENERATE_SCORE = 1e-3
 
 
 def parse_folds(folds):
@@ -61,11 +64,22 @@ def fold_assignment(n_images, folds, seed=0):
     return np.random.default_rng(seed).permutation(ids)
 
 
+def check_quantile(quantile):
+    """``quantile`` as a float in (0, 1); ConfigError otherwise (call before the long work starts)."""
+    try:
+        value = None if isinstance(quantile, bool) else float(quantile)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0.0 < value < 1.0:
+        raise ConfigError("--quantile must be a number in (0, 1), e.g. 0.995, got {!r}".format(quantile))
+    return value
+
+
 def conformal_rank(n, quantile):
     """1-based rank of the order statistic used as the ``quantile`` threshold of ``n`` scores."""
-    if not 0.0 < quantile < 1.0:
-        raise DataError("threshold quantile must be in (0, 1), got {}".format(quantile))
-    return int(min(n, max(1, math.ceil(quantile * (n + 1)))))
+    quantile = check_quantile(quantile)
+    # ceil with a tolerance: 0.55 * 100 is 55.000000000000007 in floating point, and the rank is 55
+    return int(min(n, max(1, math.ceil(quantile * (n + 1) - 1e-9))))
 
 
 def exceedance_interval(n, rank, confidence=0.95):
@@ -81,7 +95,7 @@ def exceedance_interval(n, rank, confidence=0.95):
 
 
 def normal_calibration(scores, pixel_medians, folds, quantile=DEFAULT_QUANTILE, method="padim-leave-one-out"):
-    """The model.json ``calibration`` dict from out-of-sample normal scores.
+    """model.json ``calibration`` and ``calibration_provenance`` dicts from out-of-sample normal scores.
 
     Args:
         scores: ``[n]`` float, each training image's score (max of its anomaly map) under the
@@ -91,37 +105,54 @@ def normal_calibration(scores, pixel_medians, folds, quantile=DEFAULT_QUANTILE, 
         method: ``padim-leave-one-out`` or ``padim-leave-fold-out``.
 
     Returns:
-        dict: ``image_threshold`` (the rank-th order statistic), ``pixel_threshold`` (the same value:
-        the map is ≤ its max, so a normal frame shows an anomalous pixel exactly as often as it is
-        flagged, and boxes appear only on flagged frames), ``score_min`` / ``score_max`` (heatmap
-        range: median normal pixel value, and the same distance above the threshold, so the
-        threshold sits mid-scale), ``source`` and ``provenance`` (method, folds, quantile,
-        n_normal, rank, expected_fpr, fpr_upper95, and the normal score median / max).
+        ``(calibration, provenance)``. calibration: ``image_threshold`` (the rank-th order statistic),
+        ``pixel_threshold`` (the same value: the map is ≤ its max, so a normal frame shows an anomalous
+        pixel exactly as often as it is flagged, and boxes appear only on flagged frames),
+        ``score_min`` / ``score_max`` (heatmap range: median normal pixel value, and the same distance
+        above the threshold, so the threshold sits mid-scale), ``source`` = ``normal-oos``; numbers
+        only, so runtimes that predate the provenance still read it. provenance: method, folds,
+        quantile, n_normal, rank, expected_fpr, fpr_upper95, and the normal score median / max.
+
+    Raises:
+        DataError: fewer than ``MIN_IMAGES`` scores, non-finite scores, or degenerate ones (all
+        below ``DEGENERATE_SCORE``: identical training images).
     """
     scores = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
     if scores.size < MIN_IMAGES or not np.all(np.isfinite(scores)):
         raise DataError("out-of-sample calibration needs at least {} finite normal scores".format(MIN_IMAGES))
+    if scores[-1] < DEGENERATE_SCORE:
+        raise DataError("the training images are copies of one another (every out-of-sample score is below {}): "
+                        "no threshold can be learned from them; fit on varied good images, or set thresholds "
+                        "with --val".format(DEGENERATE_SCORE))
     n = int(scores.size)
     rank = conformal_rank(n, quantile)
     threshold = float(scores[rank - 1])
     expected, upper = exceedance_interval(n, rank)
     low = float(np.median(pixel_medians))
-    return {
+    calibration = {
         "image_threshold": threshold,
         "pixel_threshold": threshold,
         "score_min": low,
         "score_max": threshold + max(threshold - low, 1e-6),
         "source": "normal-oos",
-        "provenance": {
-            "method": method,
-            "folds": int(folds),
-            "quantile": float(quantile),
-            "n_normal": n,
-            "rank": rank,
-            "expected_fpr": round(expected, 6),
-            "fpr_upper95": round(upper, 6),
-            "normal_score_median": float(np.median(scores)),
-            "normal_score_max": float(scores[-1]),
-        },
     }
+    provenance = {
+        "method": method,
+        "folds": int(folds),
+        "quantile": float(quantile),
+        "n_normal": n,
+        "rank": rank,
+        "expected_fpr": round(expected, 6),
+        "fpr_upper95": round(upper, 6),
+        "normal_score_median": float(np.median(scores)),
+        "normal_score_max": float(scores[-1]),
+    }
+    return calibration, provenance
+
+
+def set_calibration(config, calibration, provenance):
+    """Store thresholds and where they came from in a model.json dict (together, so they never disagree)."""
+    config["calibration"] = calibration
+    config["calibration_provenance"] = provenance if calibration is not None else None
+    return config
 

@@ -6,7 +6,10 @@
   padding, BN eps 1e-3, the network they were trained in); other backbones from the local
   timm (Hugging Face) or torchvision cache, never from the network.
 - a file path: ``.safetensors`` or a ``torch.save`` state dict (loaded with ``weights_only=True``),
-  timm / torchvision / lukemelas key names, optional ``module.`` / ``model.`` prefixes.
+  timm / torchvision / lukemelas key names, optional ``module.`` / ``model.`` prefixes. For
+  ``efficientnet_lite0`` the file must hold TF-ported weights (lukemelas, timm ``tf_efficientnet_lite0``):
+  timm's PyTorch-trained ``efficientnet_lite0`` weights have the same tensor names and shapes, so this cannot
+  be checked, but they need the symmetric-padding network, which edgead does not build.
 - ``"random"``: seeded random init, for tests and smoke runs only (prints a loud warning).
 """
 import contextlib

@@ -114,16 +114,37 @@ def validate_model_info(info, path):
         for key, value in calibration.items():
             if key == "source":
                 continue
-            if key == "provenance":
-                if not isinstance(value, dict):
-                    raise ModelFileError("{}: metadata calibration.provenance must be an object".format(path))
-                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
                 raise ModelFileError("{}: metadata calibration.{} must be a finite number or null, got {!r}".format(
                     path, key, value))
     info.setdefault("calibration", None)
+    _validate_provenance(info.get("calibration_provenance"), path)
     return info
+
+
+#: Fields of ``calibration_provenance`` and their types (all optional; unknown keys are allowed).
+_PROVENANCE_NUMBERS = ("folds", "quantile", "n_normal", "rank", "expected_fpr", "fpr_upper95",
+                       "normal_score_median", "normal_score_max", "n_good", "n_defect")
+_PROVENANCE_STRINGS = ("method", "data")
+
+
+def _validate_provenance(provenance, path):
+    if provenance is None:
+        return
+    if not isinstance(provenance, dict):
+        raise ModelFileError("{}: metadata calibration_provenance must be an object or null".format(path))
+    for key in _PROVENANCE_NUMBERS:
+        value = provenance.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ModelFileError("{}: metadata calibration_provenance.{} must be a finite number, got {!r}".format(
+                path, key, value))
+    for key in _PROVENANCE_STRINGS:
+        value = provenance.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ModelFileError("{}: metadata calibration_provenance.{} must be a string, got {!r}".format(
+                path, key, value))
 
 
 def input_hw(info):
@@ -174,27 +195,44 @@ def model_warnings(info):
     return found
 
 
-def describe_thresholds(calibration):
-    """One line saying where the thresholds of a ``calibration`` dict come from (None: uncalibrated)."""
-    if not calibration or calibration.get("image_threshold") is None:
-        return "no image threshold: frames are not classified (fit with out-of-sample thresholds, or eval --calibrate)"
-    prov = calibration.get("provenance") or {}
-    head = "image threshold {:.4g}, pixel threshold {:.4g}".format(
-        calibration["image_threshold"], calibration.get("pixel_threshold") or calibration["image_threshold"])
-    if calibration.get("source") == "normal-oos":
-        resolved = "" if prov.get("rank", 0) < prov.get("n_normal", 0) else ", the largest: too few images to resolve it"
-        how = ("leave-one-out" if prov.get("method") == "padim-leave-one-out"
-               else "{}-fold".format(prov.get("folds")))
-        return ("{}: {} out-of-sample scores of {} normal images, quantile {} (rank {}/{}{}); expected false-"
-                "positive rate {:.1%} (95% upper bound {:.1%})".format(
-                    head, how, prov.get("n_normal"), prov.get("quantile"), prov.get("rank"),
-                    prov.get("n_normal"), resolved, prov.get("expected_fpr", float("nan")),
-                    prov.get("fpr_upper95", float("nan"))))
-    if prov.get("method") == "validation-f1max" or calibration.get("source") == "validation":
-        counts = " ({} good, {} defective{})".format(
-            prov["n_good"], prov["n_defect"], ", " + prov["data"] if prov.get("data") else "") if "n_good" in prov else ""
+def describe_thresholds(info):
+    """One line saying where the thresholds of a model come from.
+
+    info: the model's metadata / model.json dict (``calibration`` and ``calibration_provenance``).
+    Missing provenance fields are left out of the sentence, never guessed.
+    """
+    calibration = info.get("calibration") or {}
+    if calibration.get("image_threshold") is None:
+        return ("no image threshold: frames are not classified (thresholds come from `edgead fit` on varied good "
+                "images, `fit --val` or `eval --calibrate`)")
+    prov = info.get("calibration_provenance") or {}
+    image = calibration["image_threshold"]
+    pixel = calibration.get("pixel_threshold")
+    head = "image threshold {:.4g}, pixel threshold {:.4g}".format(image, image if pixel is None else pixel)
+    method = prov.get("method")
+    if calibration.get("source") == "normal-oos" or method in ("padim-leave-one-out", "padim-leave-fold-out"):
+        how = "leave-one-out" if method == "padim-leave-one-out" else (
+            "{}-fold".format(prov["folds"]) if prov.get("folds") is not None else "k-fold")
+        text = "{}: {} out-of-sample scores of {} normal images".format(
+            head, how, prov["n_normal"] if prov.get("n_normal") is not None else "the training")
+        if prov.get("quantile") is not None:
+            text += ", quantile {}".format(prov["quantile"])
+        if prov.get("rank") is not None and prov.get("n_normal") is not None:
+            resolved = "" if prov["rank"] < prov["n_normal"] else ", the largest: too few images to resolve it"
+            text += " (rank {}/{}{})".format(prov["rank"], prov["n_normal"], resolved)
+        if prov.get("expected_fpr") is not None:
+            text += "; expected false-positive rate {:.1%}".format(prov["expected_fpr"])
+            if prov.get("fpr_upper95") is not None:
+                text += " (95% upper bound {:.1%})".format(prov["fpr_upper95"])
+        return text
+    if calibration.get("source") == "validation" or method == "validation-f1max":
+        counts = ""
+        if prov.get("n_good") is not None and prov.get("n_defect") is not None:
+            counts = " ({} good, {} defective{})".format(
+                prov["n_good"], prov["n_defect"], ", " + prov["data"] if prov.get("data") else "")
         return "{}: F1-max on labelled validation images{}".format(head, counts)
     return "{}: source {}".format(head, calibration.get("source") or "unknown")
+
 
 # --- minimal protobuf reader: top-level ModelProto.metadata_props, without onnx/onnxruntime ---------
 

@@ -51,10 +51,12 @@ def bundle_dir(category, tmp_path_factory):
     summary = json.loads(result.output[result.output.index("{"):])
     calibration = summary["calibration"]
     assert summary["n_train"] == 8 and calibration["source"] == "normal-oos"
-    provenance = calibration["provenance"]
+    provenance = summary["calibration_provenance"]
     assert provenance["method"] == "padim-leave-one-out"
     assert (provenance["folds"], provenance["quantile"], provenance["n_normal"], provenance["rank"]) == (8, 0.995, 8, 8)
     assert calibration["image_threshold"] == calibration["pixel_threshold"] == provenance["normal_score_max"] > 0
+    # numbers and the source only: edgead 0.1 runtimes on devices still read new exports
+    assert all(isinstance(v, float) for k, v in calibration.items() if k != "source")
     return out
 
 
@@ -67,6 +69,7 @@ def test_fit_stores_out_of_sample_thresholds_and_export_carries_them(bundle_dir,
     assert _run(["export", bundle_dir, "-o", onnx_path, "--precision", "fp32"]).exit_code == 0
     info = modelinfo.load_model_info(onnx_path)
     assert info["calibration"] == config["calibration"]
+    assert info["calibration_provenance"] == config["calibration_provenance"]
     runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
     result = runner.invoke(cli, ["run", onnx_path, "--source", "synthetic://?frames=2", "--json"])
     assert result.exit_code == 0, result.output
@@ -101,7 +104,8 @@ def test_eval_prints_table_writes_json_and_overlays(bundle_dir, category, tmp_pa
     assert 0.0 <= metrics["fpr"] <= 1.0 and metrics["recall"] == pytest.approx(1.0)
     config = json.load(open(os.path.join(bundle_dir, "model.json")))
     assert config["calibration"]["image_threshold"] == pytest.approx(metrics["calibration"]["image_threshold"])
-    assert config["calibration"]["provenance"]["method"] == "validation-f1max"
+    assert config["calibration_provenance"]["method"] == "validation-f1max"
+    assert config["calibration_provenance"]["n_good"] == 3 and config["calibration_provenance"]["n_defect"] == 3
 
 
 def test_export_then_compare_within_tolerance(bundle_dir, category, tmp_path):
@@ -123,6 +127,7 @@ def test_export_then_compare_within_tolerance(bundle_dir, category, tmp_path):
     (["export", "{tmp}/missing", "-o", "{tmp}/x.onnx"], "not a bundle folder"),
     (["fit", "{category}", "-o", "{tmp}/b", "--weights", "{tmp}/nope.pth"], "nope.pth"),
     (["fit", "{category}", "-o", "{tmp}/b", "--folds", "1"], "--folds must be n"),
+    (["fit", "{category}", "-o", "{tmp}/b", "--quantile", "1.5"], "--quantile must be a number in (0, 1)"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, category, tmp_path):
     empty = tmp_path / "empty"

@@ -112,17 +112,38 @@ def test_legacy_lite0_export_is_flagged_and_provenance_is_described():
     assert any("refit and export again" in w for w in modelinfo.model_warnings(info))
     info["backbone"]["arch"] = "tf_efficientnet_lite0"
     assert modelinfo.model_warnings(info) == []
-    kfold = {"image_threshold": 7.5, "pixel_threshold": 7.5, "source": "normal-oos",
-             "provenance": {"method": "padim-leave-fold-out", "folds": 5, "quantile": 0.995, "n_normal": 300,
-                            "rank": 299, "expected_fpr": 0.006645, "fpr_upper95": 0.015692}}
+    calibration = {"image_threshold": 7.5, "pixel_threshold": 7.5, "source": "normal-oos"}
+    provenance = {"method": "padim-leave-fold-out", "folds": 5, "quantile": 0.995, "n_normal": 300,
+                  "rank": 299, "expected_fpr": 0.006645, "fpr_upper95": 0.015692}
+    kfold = {"calibration": calibration, "calibration_provenance": provenance}
     assert modelinfo.describe_thresholds(kfold) == (
         "image threshold 7.5, pixel threshold 7.5: 5-fold out-of-sample scores of 300 normal images, quantile 0.995 "
         "(rank 299/300); expected false-positive rate 0.7% (95% upper bound 1.6%)")
     assert "too few images to resolve it" in modelinfo.describe_thresholds(
-        dict(kfold, provenance=dict(kfold["provenance"], n_normal=50, rank=50)))
-    loo = dict(kfold, provenance=dict(kfold["provenance"], method="padim-leave-one-out", folds=300))
+        dict(kfold, calibration_provenance=dict(provenance, n_normal=50, rank=50)))
+    loo = dict(kfold, calibration_provenance=dict(provenance, method="padim-leave-one-out", folds=300))
     assert "leave-one-out out-of-sample scores of 300 normal images" in modelinfo.describe_thresholds(loo)
-    assert modelinfo.describe_thresholds(None).startswith("no image threshold")
+    # missing fields are left out, never a crash; a zero pixel threshold is shown as zero
+    sparse = {"calibration": dict(calibration, pixel_threshold=0.0), "calibration_provenance": {"n_good": 3}}
+    assert modelinfo.describe_thresholds(sparse) == (
+        "image threshold 7.5, pixel threshold 0: k-fold out-of-sample scores of the training normal images")
+    assert modelinfo.describe_thresholds(dict(sparse, calibration=dict(calibration, source="validation"))).endswith(
+        "F1-max on labelled validation images")
+    assert modelinfo.describe_thresholds({"calibration": None}).startswith("no image threshold")
+
+
+@pytest.mark.parametrize("field,bad", [("rank", "x"), ("expected_fpr", float("nan")), ("n_good", True),
+                                       ("method", 3), (None, [1, 2])])
+def test_calibration_provenance_is_validated(tmp_path, field, bad):
+    info = fake_metadata()
+    info["calibration_provenance"] = bad if field is None else {field: bad}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="calibration_provenance"):
+        modelinfo.load_model_info(path)
+    info["calibration_provenance"] = {"expected_fpr": None, "future_field": {"x": 1}}  # null and unknown: fine
+    path.write_text(json.dumps(info))
+    assert modelinfo.load_model_info(path)["calibration_provenance"]["expected_fpr"] is None
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "12"])

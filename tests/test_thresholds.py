@@ -110,7 +110,7 @@ def test_fold_assignment_is_balanced_seeded_and_checked():
 
 
 @pytest.mark.parametrize("n,quantile,rank", [(50, 0.995, 50), (199, 0.995, 199), (399, 0.995, 398),
-                                             (1000, 0.99, 991), (9, 0.5, 5), (10, 0.01, 1)])
+                                             (1000, 0.99, 991), (9, 0.5, 5), (10, 0.01, 1), (99, 0.55, 55)])
 def test_conformal_rank(n, quantile, rank):
     assert thresholds.conformal_rank(n, quantile) == rank
 
@@ -137,11 +137,10 @@ def _normal_cdf(x):
 
 def test_normal_calibration_fields():
     scores = np.arange(1.0, 41.0)  # 40 normal scores 1..40
-    cal = thresholds.normal_calibration(scores[::-1], np.full(40, 0.5), folds=5, quantile=0.95)
+    cal, prov = thresholds.normal_calibration(scores[::-1], np.full(40, 0.5), folds=5, quantile=0.95)
     rank = thresholds.conformal_rank(40, 0.95)  # ceil(0.95 * 41) = 39
     assert rank == 39 and cal["image_threshold"] == 39.0 == cal["pixel_threshold"]
     assert cal["source"] == "normal-oos" and cal["score_min"] == 0.5 and cal["score_max"] == 77.5
-    prov = cal["provenance"]
     assert (prov["n_normal"], prov["rank"], prov["folds"], prov["quantile"]) == (40, 39, 5, 0.95)
     assert prov["expected_fpr"] == pytest.approx(2 / 41, abs=1e-6) and prov["normal_score_max"] == 40.0
     with pytest.raises(DataError):
@@ -155,9 +154,10 @@ def test_out_of_sample_threshold_keeps_new_normal_frames_quiet(folds):
     train, new = random_frames(20, seed=11), random_frames(40, seed=12)
     fitter = PadimFitter("resnet18", "random", TINY_HW, dim=24, seed=0)
     fitter.update(train)
-    calibration = fitter.calibrate_out_of_sample(lambda idx: [train[idx]], 20, folds=folds, quantile=0.995)
-    assert calibration["provenance"]["method"] == ("padim-leave-one-out" if folds == "n" else "padim-leave-fold-out")
-    assert calibration["provenance"]["folds"] == (20 if folds == "n" else 5)
+    fitter.calibrate_out_of_sample(lambda idx: [train[idx]], 20, folds=folds, quantile=0.995)
+    provenance = fitter.calibration_provenance
+    assert provenance["method"] == ("padim-leave-one-out" if folds == "n" else "padim-leave-fold-out")
+    assert provenance["folds"] == (20 if folds == "n" else 5)
     bundle = fitter.bundle()
     assert any("rank <= 19 < 24" in w for w in fitter.warnings)
     model = bundle.model()
@@ -176,7 +176,31 @@ def test_too_few_images_leave_the_model_uncalibrated_with_a_warning():
     frames = random_frames(3, seed=1)
     with pytest.warns(UserWarning, match="too few for out-of-sample thresholds"):
         bundle = fit_padim([frames], "resnet18", "random", TINY_HW, dim=8)
+    assert bundle.config["calibration"] is None and bundle.config["calibration_provenance"] is None
+
+
+def test_identical_training_images_leave_the_model_uncalibrated_with_a_warning():
+    """Copies of one image: every out-of-sample score is ~0, and a threshold of 0 would flag every frame."""
+    frames = np.repeat(random_frames(1, seed=2), 6, axis=0)
+    with pytest.warns(UserWarning, match="copies of one another"):
+        bundle = fit_padim([frames], "resnet18", "random", TINY_HW, dim=8)
     assert bundle.config["calibration"] is None
+
+
+def test_fit_padim_checks_folds_and_quantile_before_fitting():
+    frames = random_frames(6, seed=1)
+    bundle = fit_padim([frames], "resnet18", "random", TINY_HW, dim=8, folds="0")
+    assert bundle.config["calibration"] is None
+    calls = []
+
+    def batches():
+        calls.append(1)
+        yield frames
+
+    for bad in ({"folds": 1}, {"quantile": 1.0}, {"quantile": "high"}):
+        with pytest.raises(ConfigError):
+            fit_padim(batches(), "resnet18", "random", TINY_HW, dim=8, **bad)
+    assert calls == []
 
 
 def test_rates_at_threshold_use_the_runtime_rule():

@@ -48,9 +48,9 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
     from edgead.evaluate import evaluate_category
     from edgead.fit import PadimFitter
 
-    from edgead.thresholds import parse_folds
+    from edgead.thresholds import check_quantile, parse_folds, set_calibration
 
-    folds = parse_folds(folds)  # before the long work starts
+    folds, quantile = parse_folds(folds), check_quantile(quantile)  # before the long work starts
     paths, _ = _training_paths(data)
     name = os.path.basename(os.path.normpath(data))
     started = time.perf_counter()
@@ -70,19 +70,20 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
         result = evaluate_category(bundle, MvtecCategory(val), overlays=False, batch_size=batch_size)
         if result["calibration"] is None:
             raise DataError("{}: --val needs both good and defective test images".format(val))
-        bundle.config["calibration"] = result["calibration"]
+        set_calibration(bundle.config, result["calibration"], result["calibration_provenance"])
     bundle.save(out)
     summary = {"bundle": out, "n_train": len(paths), "fit_seconds": round(fit_seconds, 2),
                "total_seconds": round(time.perf_counter() - started, 2),
                "backbone": bundle.config["backbone"], "dim": bundle.config["embedding"]["dim"],
-               "calibration": bundle.config["calibration"], "warnings": list(fitter.warnings)}
+               "calibration": bundle.config["calibration"],
+               "calibration_provenance": bundle.config["calibration_provenance"], "warnings": list(fitter.warnings)}
     return bundle, summary
 
 
-def _describe(calibration):
+def _describe(config):
     from edgead.runtime.modelinfo import describe_thresholds
 
-    return describe_thresholds(calibration)
+    return describe_thresholds(config)
 
 
 @click.command("fit")
@@ -98,8 +99,8 @@ def _describe(calibration):
               help="Learn the image/pixel thresholds from the training images out of sample, each scored by the "
                    "model fitted without it (one extra pass). n: leave-one-out, exact in closed form; K >= 2: "
                    "K-fold; 0: no thresholds.")
-@click.option("--quantile", type=click.FloatRange(0.5, 1.0, min_open=False, max_open=True), default=0.995,
-              show_default=True, help="Quantile of the out-of-sample normal scores used as the threshold.")
+@click.option("--quantile", default="0.995", show_default=True,
+              help="Quantile of the out-of-sample normal scores used as the threshold, in (0, 1).")
 @click.option("--val", type=click.Path(), default=None, help="A separate labelled MVTec-layout category (not the test "
               "set you report) whose test/ split sets F1-max thresholds instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -116,14 +117,14 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quanti
       edgead fit mvtec/bottle -o bottle.edgead --backbone efficientnet_lite0 --size 256
       edgead fit 'parts/good/*.png' -o parts.edgead --backbone resnet18 --weights resnet18.safetensors
     """
-    _, summary = fit_bundle(data, out, backbone, weights, _parse_size(size), dim, seed, batch_size,
-                            folds, quantile, val)
+    bundle, summary = fit_bundle(data, out, backbone, weights, _parse_size(size), dim, seed, batch_size,
+                                 folds, quantile, val)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo("fitted {} on {} images in {:.1f} s (D = {}) -> {}".format(
             summary["backbone"]["name"], summary["n_train"], summary["total_seconds"], summary["dim"], out))
-        click.echo(_describe(summary["calibration"]))
+        click.echo(_describe(bundle.config))
 
 
 @click.command("eval")
@@ -158,7 +159,9 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
     if calibrate:
         if result["calibration"] is None:
             raise DataError("{}: --calibrate needs both good and defective test images".format(categories[0]))
-        bundle.config["calibration"] = result["calibration"]
+        from edgead.thresholds import set_calibration
+
+        set_calibration(bundle.config, result["calibration"], result["calibration_provenance"])
         bundle.save(bundle_dir)
         click.echo("edgead: warning: {}: thresholds now come from this set; metrics at the threshold on this same "
                    "set are optimistic, report them on another split".format(bundle_dir), err=True)
@@ -207,7 +210,7 @@ def demo(out, backbone, weights, size, categories, seed, export, quick):
         click.echo("{}: image AUROC {:.3f}  pixel AUROC {:.3f}  PRO {:.3f}  FPR {:.3f}  recall {:.3f} at the "
                    "default threshold".format(name, result["image_auroc"], result["pixel_auroc"], result["pro"],
                                               result["fpr"], result["recall"]))
-        click.echo("  " + _describe(bundle.config["calibration"]))
+        click.echo("  " + _describe(bundle.config))
     click.echo("")
     click.echo(format_table(results))
     click.echo("FPR@thr / recall@thr: good / defective test images flagged at the default threshold, learned from "

@@ -214,8 +214,7 @@ def _print_model_summary(model, info):
     """Threshold provenance and legacy-model warnings, once, on stderr (stdout carries the frames)."""
     from edgead.runtime import modelinfo
 
-    click.echo("{}: {}".format(os.path.basename(model), modelinfo.describe_thresholds(info.get("calibration"))),
-               err=True)
+    click.echo("{}: {}".format(os.path.basename(model), modelinfo.describe_thresholds(info)), err=True)
     for warning in modelinfo.model_warnings(info):
         click.echo("edgead: warning: {}: {}".format(model, warning), err=True)
 
