@@ -110,8 +110,11 @@ class GaussianAccumulator:
         """Packed ``[P, T]`` float64 ``W = L⁻¹`` of ``A = (n-1)/(n-2) · S + εI`` (``leave_one_out_distance``)."""
         if self.count < 3:
             raise DataError("leave-one-out scores need at least 3 training images, got {}".format(self.count))
+        return self._packed_whitening(epsilon, scale=(self.count - 1) / (self.count - 2))
+
+    def _packed_whitening(self, epsilon, scale=1.0):
+        """Packed ``[P, T]`` float64 ``L⁻¹`` of ``scale · S + εI`` for every patch, chunk by chunk."""
         packed = torch.empty(self.num_patches, packing.packed_length(self.dim), dtype=torch.float64)
-        scale = (self.count - 1) / (self.count - 2)
         for start, stop in self.chunks():
             whitening = whitening_from_covariance(self.covariance(start, stop, epsilon, scale=scale))
             packed[start:stop] = whitening.reshape(stop - start, -1)[:, self._flat_tril]
@@ -133,22 +136,16 @@ class GaussianAccumulator:
         n = self.count
         embedding = embedding.reshape(embedding.shape[0], self.dim, -1).to(torch.float64)
         mean, c = self.mean(), n / ((n - 1.0) * (n - 2.0))
-        index = torch.from_numpy(packing.dense_gather_index(self.dim).reshape(-1))
         out = torch.empty(embedding.shape[0], self.num_patches, dtype=torch.float64)
         for start, stop in self.chunks():
-            chunk = loo_whitening[start:stop]
-            dense = torch.cat([chunk, chunk.new_zeros(len(chunk), 1)], dim=1)[:, index].reshape(-1, self.dim, self.dim)
+            dense = dense_whitening(loo_whitening[start:stop])
             q = mahalanobis(embedding[:, :, start:stop], mean[start:stop], dense).pow(2)
             out[:, start:stop] = (n / (n - 1.0)) * torch.sqrt(q / (1.0 - c * q))
         return out
 
     def finalize(self, epsilon=EPSILON):
         """Return ``(mean [P, D] float32, whitening_packed [P, T] float32)`` with ``W = L^-1``, ``Σ+εI = L Lᵀ``."""
-        packed = torch.empty(self.num_patches, packing.packed_length(self.dim), dtype=torch.float64)
-        for start, stop in self.chunks():
-            whitening = whitening_from_covariance(self.covariance(start, stop, epsilon))
-            packed[start:stop] = whitening.reshape(stop - start, -1)[:, self._flat_tril]
-        return self.mean().to(torch.float32), packed.to(torch.float32)
+        return self.mean().to(torch.float32), self._packed_whitening(epsilon).to(torch.float32)
 
 
 def whitening_from_covariance(cov):
