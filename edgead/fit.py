@@ -82,16 +82,20 @@ class PadimFitter:
         """Add a batch of training frames: uint8 ``[B, H, W, 3]`` RGB at the model input size."""
         self.accumulator.update(self.embed(frames))
 
-    def _map_stats(self, distance):
-        """Patch distances ``[m, P]`` float64 -> (max ``[m]``, median ``[m]``) of the anomaly maps, made as the
-        exported model makes them (bilinear upsample + blur as two matrices), in float64."""
+    def _map_stats(self, distances):
+        """Iterable of patch distances ``[m, P]`` float64 -> (max ``[n]``, median ``[n]``) of the anomaly maps,
+        concatenated, made as the exported model makes them (bilinear upsample + blur as two matrices)."""
         cfg = self.config
         (grid_h, grid_w), sigma = cfg["embedding"]["grid"], cfg["postprocess"]["blur_sigma"]
         rows = blur.upsample_blur_matrix(cfg["input"]["height"], grid_h, sigma)  # [H, h]
         cols_t = blur.upsample_blur_matrix(cfg["input"]["width"], grid_w, sigma).T  # [w, W]
-        maps = rows @ distance.numpy().reshape(-1, grid_h, grid_w) @ cols_t  # [m, H, W]
-        flat = maps.reshape(len(maps), -1)
-        return flat.max(axis=1), np.median(flat, axis=1)
+        maxima, medians = [], []
+        for distance in distances:
+            maps = rows @ distance.numpy().reshape(-1, grid_h, grid_w) @ cols_t  # [m, H, W]
+            flat = maps.reshape(len(maps), -1)
+            maxima.append(flat.max(axis=1))
+            medians.append(np.median(flat, axis=1))
+        return np.concatenate(maxima), np.concatenate(medians)
 
     def out_of_sample_scores(self, fold_batches, desc="out-of-sample thresholds"):
         """Score every fold of the training images with the model fitted without it (exact: sums subtract).
@@ -102,23 +106,22 @@ class PadimFitter:
         Returns ``(scores [n], map_medians [n])`` float64, in fold order: the max and the median of each
         image's out-of-sample anomaly map.
         """
-        scores, medians = [], []
         progress = tqdm(total=self.accumulator.count, desc=desc, unit="img", leave=False)
-        for batches in fold_batches:
-            held_out = padim.GaussianAccumulator(self.accumulator.num_patches, self.accumulator.dim)
-            embeddings = []
-            for frames in batches:
-                progress.update(len(frames))
-                embedding = self.embed(frames)
-                held_out.update(embedding)
-                embeddings.append(embedding.reshape(len(embedding), self.accumulator.dim, -1))
-            distance = self.accumulator.held_out_distance(held_out, torch.cat(embeddings),
-                                                          self.config["padim"]["epsilon"])
-            fold_scores, fold_medians = self._map_stats(distance)
-            scores.append(fold_scores)
-            medians.append(fold_medians)
-        progress.close()
-        return np.concatenate(scores), np.concatenate(medians)
+
+        def distances():
+            for batches in fold_batches:
+                held_out = padim.GaussianAccumulator(self.accumulator.num_patches, self.accumulator.dim)
+                embeddings = []
+                for frames in batches:
+                    progress.update(len(frames))
+                    embedding = self.embed(frames)
+                    held_out.update(embedding)
+                    embeddings.append(embedding.reshape(len(embedding), self.accumulator.dim, -1))
+                yield self.accumulator.held_out_distance(held_out, torch.cat(embeddings),
+                                                         self.config["padim"]["epsilon"])
+
+        with progress:
+            return self._map_stats(distances())
 
     def leave_one_out_scores(self, batches, desc="out-of-sample thresholds"):
         """Score every training image with the model fitted without it (exact, closed form: see
@@ -129,16 +132,15 @@ class PadimFitter:
         Returns ``(scores [m], map_medians [m])`` float64, in the order given.
         """
         whitening = self.accumulator.leave_one_out_whitening(self.config["padim"]["epsilon"])
-        scores, medians = [], []
         progress = tqdm(total=self.accumulator.count, desc=desc, unit="img", leave=False)
-        for frames in batches:
-            progress.update(len(frames))
-            distance = self.accumulator.leave_one_out_distance(self.embed(frames), whitening)
-            batch_scores, batch_medians = self._map_stats(distance)
-            scores.append(batch_scores)
-            medians.append(batch_medians)
-        progress.close()
-        return np.concatenate(scores), np.concatenate(medians)
+
+        def distances():
+            for frames in batches:
+                progress.update(len(frames))
+                yield self.accumulator.leave_one_out_distance(self.embed(frames), whitening)
+
+        with progress:
+            return self._map_stats(distances())
 
     def calibrate_out_of_sample(self, load_images, n_images, folds=thresholds.DEFAULT_FOLDS,
                                 quantile=thresholds.DEFAULT_QUANTILE, seed=0):
