@@ -260,8 +260,9 @@ class MvtecCategory:
         ``label=1`` and a mask ``ground_truth/<type>/<stem>_mask.<ext>``.
 
         Raises:
-            DataError: missing ``test``, an empty sub-folder, or a defect image without its mask
-                (the message names both the image and the expected mask).
+            DataError: missing ``test``, an empty sub-folder, a defect image without its mask
+                (the message names both the image and the expected mask), or a mask whose size
+                differs from its image's (names the mask and both sizes).
         """
         samples = []
         for t in self._test_types():
@@ -274,8 +275,37 @@ class MvtecCategory:
                 if t == "good":
                     samples.append(Sample(f, 0, "good", None))
                 else:
-                    samples.append(Sample(f, 1, t, self._find_mask(t, f)))
+                    mask = self._find_mask(t, f)
+                    _check_mask_size(mask, f)
+                    samples.append(Sample(f, 1, t, mask))
         return samples
+
+
+def _check_mask_size(mask_path, image_path):
+    """A ground-truth mask must have its image's size: a stretched mask scores the wrong pixels."""
+    mask_hw, image_hw = image_hw_of(mask_path), image_hw_of(image_path)
+    if mask_hw != image_hw:
+        raise DataError("%s: mask is %dx%d (HxW) but its image %s is %dx%d; masks must match their image's size"
+                        % (mask_path, mask_hw[0], mask_hw[1], image_path, image_hw[0], image_hw[1]))
+
+
+def image_hw_of(path):
+    """``(height, width)`` of an image file: read from the PNG header when it is one, else decoded.
+
+    Raises:
+        DataError: missing, empty or unreadable file.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError as exc:
+        raise DataError("%s: cannot read (%s)" % (path, exc)) from None
+    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if width > 0 and height > 0:
+            return height, width
+    return tuple(_decode(path, cv2.IMREAD_UNCHANGED).shape[:2])
 
 
 def _is_category(folder):

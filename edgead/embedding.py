@@ -16,6 +16,8 @@ def choose_channels(total_channels, dim, seed):
     Sorting changes nothing for the Gaussian model (Mahalanobis distance is invariant to a joint
     permutation) but lets the fused gather take each stage's channels in one contiguous pass.
     """
+    if dim < 1:
+        raise ConfigError("embedding dim must be >= 1, got {}".format(dim))
     if dim > total_channels:
         raise ConfigError("embedding dim {} exceeds the {} backbone channels".format(dim, total_channels))
     rng = np.random.default_rng(seed)

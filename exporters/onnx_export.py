@@ -19,6 +19,7 @@ from edgead import atomic
 from edgead.bundle import FORMAT_VERSION
 from edgead.errors import ExportError
 from edgead.exporters import onnx_head
+from edgead.runtime import schema
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -67,6 +68,11 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     if input_dtype not in ("uint8", "float32"):
         raise ExportError("input dtype must be uint8 or float32, not {!r}".format(input_dtype))
     cfg = bundle.config
+    meta = dict(cfg)
+    meta.setdefault("format_version", FORMAT_VERSION)  # a bundle fitted in memory gets it only when saved
+    meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET,
+                      "input_dtype": input_dtype}
+    meta_text = metadata_text(meta, bundle.path)  # before the long trace: a bad bundle stops here
     height, width = bundle.input_hw
     with torch.no_grad():
         model = _export_front_end(bundle.frame_embedding(prune_deepest=True), (height, width), batch, input_dtype)
@@ -86,12 +92,8 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     graph.name = "edgead_padim_{}".format(cfg["backbone"]["name"])
     if mahalanobis == "plugin":
         model.opset_import.append(helper.make_opsetid(onnx_head.PLUGIN_DOMAIN, 1))
-    meta = dict(cfg)
-    meta.setdefault("format_version", FORMAT_VERSION)  # a bundle fitted in memory gets it only when saved
-    meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET,
-                      "input_dtype": input_dtype}
     del model.metadata_props[:]
-    helper.set_model_props(model, {"edgead": json.dumps(meta)})
+    helper.set_model_props(model, {"edgead": meta_text})
     model.producer_name = "edgead"
     model.doc_string = "edgead PaDiM ({}, {}x{}): uint8 RGB [N,H,W,3] -> anomaly_map, score".format(
         cfg["backbone"]["name"], height, width)
@@ -100,6 +102,19 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     except onnx.checker.ValidationError as exc:
         raise ExportError("generated ONNX graph fails onnx.checker: {}".format(str(exc).splitlines()[0]))
     return model
+
+
+def metadata_text(meta, bundle_path=None):
+    """The ``edgead`` metadata JSON, checked exactly as the runtime will read it (the ``metadata`` entry of
+    ``runtime/schemas/model.schema.json`` plus the cross-field checks), so a bad bundle never produces a
+    model file. Raises ExportError (one line: the bundle and the JSON path)."""
+    where = "{} (ONNX metadata)".format(bundle_path or "bundle")
+    try:
+        text = json.dumps(meta)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ExportError("{}: cannot be written as JSON ({})".format(where, str(exc).splitlines()[0]))
+    schema.validate(schema.loads(text, where, ExportError), "metadata", where, ExportError)
+    return text
 
 
 def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):

@@ -10,14 +10,13 @@ Sources of the dict (docs/CONTRACTS.md, "model.json and ONNX metadata_props"):
 
 Every problem raises ``edgead.errors.ModelFileError`` naming the file. Torch-free.
 """
-import json
-import math
 import os
 
 from edgead.errors import ModelFileError
+from edgead.runtime import engine_files, schema
 
 METADATA_KEY = "edgead"
-SUPPORTED_FORMAT_VERSIONS = (1,)
+SUPPORTED_FORMAT_VERSIONS = schema.SUPPORTED_FORMAT_VERSIONS
 RESIZE_MODES = ("area", "bilinear", "nearest")
 ENGINE_EXTENSIONS = (".engine", ".plan", ".trt")
 
@@ -45,7 +44,9 @@ def load_model_info(path):
         if not os.path.exists(sidecar):
             raise ModelFileError("{}: TensorRT engine has no metadata sidecar {} (copy it next to the engine, "
                                  "or rebuild with `edgead build`)".format(path, sidecar))
-        return _load_json_file(sidecar)
+        # the sidecar entry whose engine_sha256 matches the engine file (engine_files: a rebuild killed half-way)
+        selected = engine_files.select_engine_info(path, _load_json_file(sidecar))
+        return validate_model_info(selected, sidecar)
     if ext == ".json":
         return _load_json_file(path)
     raw = read_onnx_metadata_raw(path)
@@ -63,88 +64,33 @@ def model_info_from_session(session, path):
 
 def _load_json_file(path):
     try:
-        with open(path, "r", encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            text = fh.read()  # bytes: parse_metadata reports non-UTF-8 content as a ModelFileError
     except OSError as exc:
         raise ModelFileError("{}: cannot read ({})".format(path, exc))
     return parse_metadata(text, path)
 
 
 def parse_metadata(text, path):
-    """JSON text -> validated dict; ``path`` only names the file in errors."""
-    try:
-        info = json.loads(text)
-    except ValueError as exc:
-        raise ModelFileError("{}: '{}' metadata is not valid JSON ({})".format(path, METADATA_KEY, exc))
+    """JSON text (or UTF-8 bytes) -> validated dict; ``path`` only names the file in errors.
+
+    Raises ModelFileError (one line naming ``path``) for anything else: bad JSON, non-UTF-8 bytes, deep
+    nesting, NaN/Infinity, or a dict that breaks the schema (see ``validate_model_info``).
+    """
+    info = schema.loads(text, path, ModelFileError,
+                        invalid="{where}: '" + METADATA_KEY + "' metadata is not valid JSON ({detail})")
     validate_model_info(info, path)
     return info
 
 
 def validate_model_info(info, path):
-    """Check the keys the runtime relies on; fill ``input.resize`` default ``area``. Returns ``info``."""
-    if not isinstance(info, dict):
-        raise ModelFileError("{}: '{}' metadata must be a JSON object".format(path, METADATA_KEY))
-    for key in ("format_version", "method", "input"):
-        if key not in info:
-            raise ModelFileError("{}: '{}' metadata lacks key '{}'".format(path, METADATA_KEY, key))
-    if info["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise ModelFileError("{}: metadata format_version {!r} is not supported by this runtime (supports {}); "
-                             "upgrade edgead on the device".format(path, info["format_version"],
-                                                                  list(SUPPORTED_FORMAT_VERSIONS)))
-    inp = info["input"]
-    if not isinstance(inp, dict):
-        raise ModelFileError("{}: metadata 'input' must be an object".format(path))
-    for key in ("height", "width"):
-        value = inp.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ModelFileError("{}: metadata input.{} must be a positive integer, got {!r}".format(
-                path, key, value))
-    order = inp.get("channel_order", "RGB")
-    if order != "RGB":
-        raise ModelFileError("{}: metadata input.channel_order {!r} is not supported (expected RGB)".format(
-            path, order))
-    inp.setdefault("resize", "area")
-    if inp["resize"] not in RESIZE_MODES:
-        raise ModelFileError("{}: metadata input.resize {!r} unknown (expected one of {})".format(
-            path, inp["resize"], ", ".join(RESIZE_MODES)))
-    calibration = info.get("calibration")
-    if calibration is not None:
-        if not isinstance(calibration, dict):
-            raise ModelFileError("{}: metadata 'calibration' must be an object or null".format(path))
-        for key, value in calibration.items():
-            if key == "source":
-                continue
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ModelFileError("{}: metadata calibration.{} must be a finite number or null, got {!r}".format(
-                    path, key, value))
+    """Validate against the ``metadata`` entry of ``runtime/schemas/model.schema.json`` plus the cross-field
+    checks (``edgead.runtime.schema.validate``); fill ``input.resize`` default ``area`` and
+    ``calibration`` default null. Returns ``info``; ModelFileError names ``path`` and the JSON path."""
+    schema.validate(info, "metadata", path, ModelFileError)
+    info["input"].setdefault("resize", "area")
     info.setdefault("calibration", None)
-    _validate_provenance(info.get("calibration_provenance"), path)
     return info
-
-
-#: Fields of ``calibration_provenance`` and their types (all optional; unknown keys are allowed).
-_PROVENANCE_NUMBERS = ("folds", "quantile", "n_normal", "rank", "expected_fpr", "fpr_upper95",
-                       "normal_score_median", "normal_score_max", "n_good", "n_defect")
-_PROVENANCE_STRINGS = ("method", "data")
-
-
-def _validate_provenance(provenance, path):
-    if provenance is None:
-        return
-    if not isinstance(provenance, dict):
-        raise ModelFileError("{}: metadata calibration_provenance must be an object or null".format(path))
-    for key in _PROVENANCE_NUMBERS:
-        value = provenance.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value)):
-            raise ModelFileError("{}: metadata calibration_provenance.{} must be a finite number, got {!r}".format(
-                path, key, value))
-    for key in _PROVENANCE_STRINGS:
-        value = provenance.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ModelFileError("{}: metadata calibration_provenance.{} must be a string, got {!r}".format(
-                path, key, value))
 
 
 def input_hw(info):
