@@ -2,35 +2,134 @@
 
 A crash or a bad input half-way never leaves a truncated file where a good one was.
 Torch-free: the runtime imports this module.
+
+Fault injection (tests only): every writer calls ``fault_point(name)`` between its steps. When the
+environment variable ``EDGEAD_FAULT_AT`` equals ``name`` (or ``name@K``: the K-th time that point is
+reached, 1-based), the process kills itself with SIGKILL right there, as a power cut or ``kill -9``
+would. ``tests/test_fault_injection.py`` runs every writer under every point and checks that the
+previous output still loads.
 """
 import contextlib
+import glob
 import os
+import signal
 import tempfile
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not Linux/macOS: no locks, no stale-temp cleanup
+    fcntl = None
+
+FAULT_ENV = "EDGEAD_FAULT_AT"
+_fault_hits = {}
+
+
+def fault_point(name):
+    """Test hook: SIGKILL this process here when ``EDGEAD_FAULT_AT`` names this point (see module doc)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def temp_path(final_path):
+    """Yield a fresh temporary path next to ``final_path`` (``.<stem>.<random>.tmp<ext>``, same folder, so a
+    rename is atomic); the caller renames it. It is removed if still there when the block ends, on an
+    exception or not. The temp file is ``flock``-ed while the block runs, so ``remove_stale_temps`` can tell
+    a crashed writer's leftover (lock released by the kernel) from a live one's."""
+    final_path = os.fspath(final_path)
+    folder = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(final_path))
+    fd, tmp = tempfile.mkstemp(prefix="." + stem + ".", suffix=".tmp" + ext, dir=folder)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        os.close(fd)
+
+
+def remove_stale_temps(final_path):
+    """Delete the temp files of ``final_path`` that killed writers left (unlocked ones); returns their paths."""
+    if fcntl is None:
+        return []
+    final_path = os.fspath(final_path)
+    folder = os.path.dirname(os.path.abspath(final_path))
+    stem, ext = os.path.splitext(os.path.basename(final_path))
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape("." + stem + ".") + "*" + glob.escape(
+            ".tmp" + ext))):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Exclusive ``flock`` on ``path`` (a file or a folder) for the block; the kernel releases it if we die."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def set_default_mode(path):
+    """chmod ``path`` to 0666 & ~umask (what ``open()`` would have made)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def fsync_path(path):
+    """Flush a file's (or a folder's: its entries, i.e. renames) data to disk, so a power cut after we
+    return cannot leave a renamed-but-empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_path(final_path):
     """Yield a temporary path next to ``final_path``; rename it over ``final_path`` on success.
 
-    On an exception the temporary file is removed and ``final_path`` is untouched.
+    On an exception the temporary file is removed and ``final_path`` is untouched. Temp files of
+    ``final_path`` left by killed writers are removed first. The file gets the usual mode
+    (0666 & ~umask) whatever the writer did (mkstemp and safetensors make 0600).
     """
     final_path = os.fspath(final_path)
-    folder = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(final_path)
-    stem, ext = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix="." + stem + ".", suffix=".tmp" + ext, dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    try:
+    remove_stale_temps(final_path)
+    with temp_path(final_path) as tmp:
         yield tmp
+        set_default_mode(tmp)
+        fault_point("atomic.before-rename")
         os.replace(tmp, final_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        fsync_path(os.path.dirname(os.path.abspath(final_path)))
+        fault_point("atomic.after-rename")
 
 
 def write_bytes(path, data):

@@ -1,12 +1,20 @@
-"""Model bundles: a folder with ``model.json`` (config) and ``weights.safetensors`` (tensors). No pickle.
+"""Model bundles: a folder with ``model.json`` (config) and one weights file (tensors). No pickle.
 
-``weights.safetensors`` holds the truncated backbone (``backbone.*``), ``padim.mean [P, D]`` float32 and
-``padim.whitening_packed [P, T]`` float32. ``model.json`` records the SHA-256 of the weights file so a
-mismatched pair is caught on load. Both files are written atomically (weights first).
+The weights file, ``weights-<first 16 hex digits of its SHA-256>.safetensors``, holds the truncated
+backbone (``backbone.*``), ``padim.mean [P, D]`` float32 and ``padim.whitening_packed [P, T]`` float32.
+``model.json`` names it (``weights_file``) and records its full SHA-256 (``weights_sha256``, mandatory),
+so a mismatched pair is caught on load. Bundles of edgead 0.1 name no file: theirs is ``weights.safetensors``.
+
+Saving switches a bundle as a whole, in one step (``PadimBundle.save``): the new weights go to a new
+file name, the old bundle's files stay untouched, and renaming the new ``model.json`` over the old one
+is the switch. A process killed at any point leaves either the old bundle or the new one loadable,
+never a mix; the next save removes what such a crash left behind.
 """
+import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -15,16 +23,15 @@ from edgead import __version__, atomic, backbones, packing
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess
 from edgead.errors import BundleError
 from edgead.model import PadimHead, PadimModel
+from edgead.runtime import schema
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "model.json"
-WEIGHTS_NAME = "weights.safetensors"
-_REQUIRED = {
-    "backbone": ("name", "out_indices", "strides", "channels"),
-    "input": ("height", "width", "mean", "std"),
-    "embedding": ("dim", "grid", "channel_indices"),
-    "postprocess": ("blur_sigma",),
-}
+WEIGHTS_NAME = "weights.safetensors"  # edgead 0.1 bundles (no ``weights_file`` key)
+#: ``weights_file`` values a bundle may name: plain file names in the bundle folder, nothing else.
+WEIGHTS_FILE_PATTERN = re.compile(r"^weights(-[0-9a-f]{16})?\.safetensors$")
+#: Temp files our writers leave when killed (edgead.atomic names them ``.<stem>.<random>.tmp<ext>``).
+_STALE_TEMP = re.compile(r"^\.(model|weights[-0-9a-f]*)\..+\.tmp\.(json|safetensors)$")
 
 
 @dataclass
@@ -71,25 +78,83 @@ class PadimBundle:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, folder):
-        """Write ``folder/weights.safetensors`` then ``folder/model.json``, each atomically."""
+        """Write this bundle to ``folder``, switching from any bundle already there in one step.
+
+        Steps (each an ``atomic.fault_point`` the crash tests kill at): the weights go to a temp file,
+        renamed to their content-addressed name (the old bundle's weights file is a different name and
+        stays); ``model.json`` naming them goes to a temp file and is renamed over the old one: that
+        rename is the switch. Then files no bundle names any more and temp files of crashed saves
+        are removed. The folder is locked (``flock``) for the duration, so two saves cannot interleave.
+        Raises BundleError when ``folder`` is a file or a folder that holds something else.
+        """
         from safetensors.torch import save_file
 
+        folder = os.fspath(folder)
+        check_bundle_target(folder)
+        try:
+            json.dumps(self.config, allow_nan=False)
+        except ValueError as exc:  # NaN/Inf: model.json would not be JSON; nothing written, the old bundle stays
+            raise BundleError("{}: cannot save, model.json would hold a non-finite number ({})".format(folder, exc))
         os.makedirs(folder, exist_ok=True)
         tensors = {"backbone." + k: v.detach().contiguous().cpu() for k, v in self.backbone_state.items()}
         tensors["padim.mean"] = self.mean.contiguous().to(torch.float32)
         tensors["padim.whitening_packed"] = self.whitening_packed.contiguous().to(torch.float32)
-        weights_path = os.path.join(folder, WEIGHTS_NAME)
-        with atomic.atomic_path(weights_path) as tmp:
-            save_file(tensors, tmp, metadata={"format": "edgead-padim", "format_version": str(FORMAT_VERSION)})
-            digest = _sha256(tmp)
-        config = dict(self.config)
-        config["format_version"] = FORMAT_VERSION
-        config["edgead_version"] = __version__
-        config["weights_sha256"] = digest
-        atomic.write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
+        with atomic.locked(folder):
+            with atomic.temp_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
+                save_file(tensors, tmp, metadata={"format": "edgead-padim", "format_version": str(FORMAT_VERSION)})
+                atomic.set_default_mode(tmp)
+                atomic.fsync_path(tmp)
+                digest = _sha256(tmp)
+                atomic.fault_point("bundle.weights-written")
+                weights_file = "weights-{}.safetensors".format(digest[:16])
+                os.replace(tmp, os.path.join(folder, weights_file))  # a new name: the old bundle still loads
+                atomic.fault_point("bundle.weights-renamed")
+            config = dict(self.config)
+            config["format_version"] = FORMAT_VERSION
+            config["edgead_version"] = __version__
+            config["weights_file"] = weights_file
+            config["weights_sha256"] = digest
+            atomic.write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
+            atomic.fault_point("bundle.switched")
+            _remove_leftovers(folder, keep=weights_file)
         self.config = config
         self.path = folder
         return folder
+
+
+def check_bundle_target(folder):
+    """Refuse an output path that is a file, or a folder holding something other than an edgead bundle
+    (so ``fit -o`` never writes into a data folder). Cheap: call it before the long work."""
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BundleError("{}: exists and is not a folder; a bundle is a folder (pick a new name)".format(folder))
+    if not os.path.isdir(folder):
+        ancestor = os.path.dirname(os.path.abspath(folder))  # created with its missing parents, like mkdir -p
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise BundleError("{}: cannot create it, {} is a file".format(folder, ancestor))
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise BundleError("{}: cannot create it, {} is not writable".format(folder, ancestor))
+        return
+    ours = [n for n in os.listdir(folder)
+            if n == CONFIG_NAME or WEIGHTS_FILE_PATTERN.match(n) or _STALE_TEMP.match(n)]
+    others = sorted(set(os.listdir(folder)) - set(ours))
+    if others:
+        raise BundleError("{}: holds files that are not an edgead bundle ({}{}); refusing to write a bundle "
+                          "into it (pick a new folder)".format(folder, ", ".join(others[:3]),
+                                                               ", ..." if len(others) > 3 else ""))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BundleError("{}: folder is not writable".format(folder))
+
+
+def _remove_leftovers(folder, keep):
+    """Delete weights files other than ``keep`` and our temp files: what earlier saves or crashes left
+    (the caller holds the folder lock, so no other save is under way)."""
+    for name in os.listdir(folder):
+        if (WEIGHTS_FILE_PATTERN.match(name) and name != keep) or _STALE_TEMP.match(name):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
 
 
 def _sha256(path):
@@ -108,23 +173,14 @@ def read_config(folder):
     if not os.path.isfile(path):
         raise BundleError("{}: missing; is {} an edgead bundle?".format(path, folder))
     try:
-        with open(path, "r", encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError("{}: invalid JSON ({})".format(path, exc))
-    if not isinstance(config, dict):
-        raise BundleError("{}: expected a JSON object".format(path))
-    version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError("{}: format_version {!r} is not supported (expected {})".format(path, version, FORMAT_VERSION))
-    if config.get("method") != "padim":
-        raise BundleError("{}: method {!r} is not supported (expected 'padim')".format(path, config.get("method")))
-    for section, keys in _REQUIRED.items():
-        if not isinstance(config.get(section), dict):
-            raise BundleError("{}: missing section {!r}".format(path, section))
-        for key in keys:
-            if key not in config[section]:
-                raise BundleError("{}: missing {}.{}".format(path, section, key))
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise BundleError("{}: cannot read ({})".format(path, exc))
+    # One declared schema (runtime/schemas/model.schema.json, entry "bundle") plus the cross-field checks;
+    # every problem is one line naming the file and the JSON path.
+    config = schema.loads(data, path, BundleError)
+    schema.validate(config, "bundle", path, BundleError)
     _check_arch(config["backbone"], path)
     return config
 
@@ -145,6 +201,16 @@ def _check_arch(backbone, path):
             "were trained in); refit this bundle with `edgead fit`".format(path, recorded, spec.name, expected))
 
 
+def weights_file_path(folder, config=None):
+    """Path of the weights file ``folder/model.json`` names (``weights.safetensors`` for edgead 0.1 bundles)."""
+    config = read_config(folder) if config is None else config
+    weights_file = config.get("weights_file", WEIGHTS_NAME)
+    if not isinstance(weights_file, str) or not WEIGHTS_FILE_PATTERN.match(weights_file):
+        raise BundleError("{}: weights_file {!r} is not a weights file name of this folder".format(
+            os.path.join(folder, CONFIG_NAME), weights_file))
+    return os.path.join(folder, weights_file)
+
+
 def load_bundle(folder):
     """Load and validate a bundle folder. Raises BundleError for missing, truncated, corrupt or mismatched files."""
     from safetensors import SafetensorError
@@ -152,11 +218,15 @@ def load_bundle(folder):
 
     folder = os.fspath(folder)
     config = read_config(folder)
-    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    weights_path = weights_file_path(folder, config)
+    weights_file = os.path.basename(weights_path)
     if not os.path.isfile(weights_path):
         raise BundleError("{}: missing".format(weights_path))
     expected = config.get("weights_sha256")
-    if expected and _sha256(weights_path) != expected:
+    if not isinstance(expected, str):
+        raise BundleError("{}: no weights_sha256, so {} cannot be checked; refit with `edgead fit`".format(
+            os.path.join(folder, CONFIG_NAME), weights_file))
+    if _sha256(weights_path) != expected:
         raise BundleError(
             "{}: checksum does not match {} (file truncated, corrupted or from another fit)".format(weights_path, CONFIG_NAME)
         )

@@ -5,11 +5,11 @@ plugin_lib=None, max_batch=8)`` -> summary dict. Steps: read the ``edgead`` meta
 ``libedgead_plugins.so`` when the graph has the ``PadimMahalanobis`` node (before parsing), parse, configure
 (fp16 / int8 entropy calibration on images from ``calib_dir`` / workspace pool / a batch profile for
 dynamic-batch graphs), build the serialized network, write ``model.engine`` and ``model.engine.json``
-(metadata + ``tensorrt`` {version, fp16, int8, gpu, compute_capability, workspace_mb, plugin_lib}).
+(metadata + ``tensorrt`` {version, fp16, int8, gpu, compute_capability, workspace_mb, plugin_lib} +
+``engine_sha256``) as one pair (``edgead.runtime.engine_files``: a kill never leaves a mismatched pair).
 Works with TensorRT 8.5, 8.6, 10.x. Every failure raises ExportError / BackendError naming the file.
 """
 import glob
-import json
 import os
 import time
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from edgead import atomic
 from edgead.errors import BackendError, ExportError
-from edgead.runtime import modelinfo, tensorrt_plugin
+from edgead.runtime import engine_files, modelinfo, tensorrt_plugin
 from edgead.runtime.engines import tensorrt_engine
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -165,7 +165,6 @@ def build_engine(onnx_path, engine_path, fp16=False, int8=False, calib_dir=None,
              "build_seconds": round(time.time() - started, 1)}
     sidecar = dict(info)
     sidecar["tensorrt"] = built
-    atomic.write_bytes(engine_path, bytes(serialized))
-    atomic.write_bytes(modelinfo.sidecar_path(engine_path), json.dumps(sidecar, indent=2).encode())
+    engine_files.write_engine_pair(engine_path, bytes(serialized), sidecar)
     return {"onnx": onnx_path, "engine": engine_path, "sidecar": modelinfo.sidecar_path(engine_path),
             "engine_bytes": os.path.getsize(engine_path), "tensorrt": built}
