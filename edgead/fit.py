@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgead import backbones, blur, padim, thresholds
+from edgead import backbones, blur, padim, resources, thresholds
 from edgead.bundle import PadimBundle
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_channels
 from edgead.errors import ConfigError, DataError
@@ -21,8 +21,14 @@ def make_config(backbone_name, weights_description, extractor, input_hw, dim, se
     channels, strides = backbones.stage_info(extractor)
     if height % strides[-1] or width % strides[-1]:
         raise ConfigError("input size {}x{} must be a multiple of {}".format(height, width, strides[-1]))
-    dim = spec.default_dim if dim is None else int(dim)
-    dim = min(dim, sum(channels))
+    if dim is None:
+        dim = min(spec.default_dim, sum(channels))  # the default adapts to a narrow backbone; an explicit --dim never
+    else:
+        dim = check_dim(dim)
+        if dim > sum(channels):
+            raise ConfigError("--dim {} is larger than the {} channels backbone {} has ({} in its stages {}); use "
+                              "--dim {} or less".format(dim, sum(channels), spec.name, " + ".join(map(str, channels)),
+                                                        list(spec.out_indices), sum(channels)))
     indices = choose_channels(sum(channels), dim, seed)
     return {
         "method": "padim",
@@ -54,6 +60,15 @@ def make_config(backbone_name, weights_description, extractor, input_hw, dim, se
     }
 
 
+def check_dim(dim):
+    """An explicit embedding dimension (``--dim``) as an int >= 1, else ConfigError (one line)."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise ConfigError("--dim must be a positive integer, got {!r}".format(dim))
+    if dim < 1:
+        raise ConfigError("--dim must be >= 1 (the number of embedding channels), got {}".format(dim))
+    return int(dim)
+
+
 class PadimFitter:
     """Holds the embedding and the running statistics of one fit.
 
@@ -62,6 +77,8 @@ class PadimFitter:
     """
 
     def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0):
+        if dim is not None:
+            check_dim(dim)  # before loading weights; the upper bound needs the backbone (make_config)
         extractor, description = load_backbone(backbone, weights, seed=seed, input_hw=input_hw)
         self.config = make_config(backbone, description, extractor, input_hw, dim, seed)
         cfg = self.config
@@ -69,6 +86,7 @@ class PadimFitter:
                                cfg["backbone"]["strides"])
         self.embedding = FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
         grid_h, grid_w = cfg["embedding"]["grid"]
+        resources.check_padim_fit_memory(grid_h * grid_w, cfg["embedding"]["dim"], input_hw, batch_size=1)
         self.accumulator = padim.GaussianAccumulator(grid_h * grid_w, cfg["embedding"]["dim"])
         self.calibration = self.calibration_provenance = None
         self.warnings = []

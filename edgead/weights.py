@@ -80,13 +80,23 @@ def _read_state_dict(path):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle with code in it
-        raise WeightsError("{}: cannot read weights ({})".format(path, str(exc).splitlines()[0]))
+        raise WeightsError("{}: cannot read weights ({})".format(path, _reason(exc)))
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsError("{}: not a state dict of tensors".format(path))
     return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def _reason(exc):
+    """Why a checkpoint could not be read, in one line, without torch's advice to load it unsafely."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return ("it holds Python objects besides tensors, and edgead never unpickles code from a model file; "
+                "export its state dict to .safetensors where you trust the file")
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _strip_prefix(key):

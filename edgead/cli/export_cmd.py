@@ -18,8 +18,9 @@ from edgead.errors import DataError
 @click.option("--batch", default="1", show_default=True, help="1, N, or dynamic.")
 @click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
               help="float32 (0..255) for TensorRT 8.5, which has no uint8 inputs.")
+@click.option("--force", is_flag=True, help="Replace --out even when it is not an edgead ONNX model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, as_json):
+def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, force, as_json):
     """Export a bundle to one ONNX graph: uint8 [N,H,W,3] RGB -> anomaly_map [N,1,H,W], score [N].
 
     \b
@@ -31,6 +32,9 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, as_json)
     from edgead.exporters import trt_ops
     from edgead.exporters.onnx_export import export_onnx, graph_op_types
 
+    from edgead.output_paths import check_model_path
+
+    check_model_path(out, force)  # before loading anything
     bundle = load_bundle(bundle_dir)
     model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype)
     summary = {

@@ -7,6 +7,11 @@ import click
 
 from edgead.errors import ConfigError, DataError
 
+#: numpy's SeedSequence and torch.manual_seed both take 0 .. 2**32-1 without surprises.
+SEED_MAX = 2 ** 32 - 1
+#: Largest input side (pixels) edgead accepts; the fit's memory is checked separately, before it starts.
+MAX_SIDE = 8192
+
 
 def _parse_size(value):
     """``256`` or ``256x320`` -> (H, W)."""
@@ -18,9 +23,24 @@ def _parse_size(value):
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 32:
         raise ConfigError("--size must look like 256 or 256x320 (each side >= 32), not {!r}".format(value))
+    if max(parts) > MAX_SIDE:
+        raise ConfigError("--size {}: each side must be at most {} pixels".format(value, MAX_SIDE))
     if parts[0] % 16 or parts[1] % 16:
         raise ConfigError("--size {}: each side must be a multiple of 16 (the stride of the deepest stage)".format(value))
     return tuple(parts)
+
+
+def check_output_folder(folder, option):
+    """A folder we will write into: it may exist (as a folder) or its parent must. ConfigError otherwise."""
+    if folder is None:
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError("{} {}: exists and is not a folder".format(option, folder))
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(folder) and not os.path.isdir(parent):
+        raise ConfigError("{} {}: parent folder {} does not exist".format(option, folder, parent))
+    if not os.access(folder if os.path.isdir(folder) else parent, os.W_OK | os.X_OK):
+        raise ConfigError("{} {}: not writable".format(option, folder))
 
 
 def _training_paths(data):
@@ -44,6 +64,7 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
     Thresholds: F1-max on the labelled category ``val`` when given, else out of sample from the
     training images (``folds``: ``"n"`` leave-one-out, K >= 2 K-fold, 0 leaves the model uncalibrated).
     """
+    from edgead.bundle import check_bundle_target
     from edgead.data import ImageBatches, MvtecCategory
     from edgead.evaluate import evaluate_category
     from edgead.fit import PadimFitter
@@ -51,6 +72,9 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
     from edgead.thresholds import check_quantile, parse_folds, set_calibration
 
     folds, quantile = parse_folds(folds), check_quantile(quantile)  # before the long work starts
+    check_bundle_target(out)
+    if val:
+        MvtecCategory(val)  # a bad --val folder fails now, not after the fit
     paths, _ = _training_paths(data)
     name = os.path.basename(os.path.normpath(data))
     started = time.perf_counter()
@@ -92,9 +116,11 @@ def _describe(config):
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="resnet18, wide_resnet50_2, mobilenet_v1_025..100, mobilenetv2_100, mobilenetv3_large_100, efficientnet_lite0.")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet (offline: Lite0 package or local timm/torchvision cache), random, or a weights FILE.")
 @click.option("--size", default="256", show_default=True, help="Input size HxW (or one number), multiple of 16.")
-@click.option("--dim", type=int, default=None, help="Embedding dimension D (default: 100, 550 for wide_resnet50_2).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random channel subset and the folds.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--dim", type=click.IntRange(min=1), default=None,
+              help="Embedding dimension D (default: 100, 550 for wide_resnet50_2; at most the backbone's channels).")
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
+              help="Seed of the random channel subset and the folds.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--folds", default="n", show_default=True,
               help="Learn the image/pixel thresholds from the training images out of sample, each scored by the "
                    "model fitted without it (one extra pass). n: leave-one-out, exact in closed form; K >= 2: "
@@ -134,7 +160,7 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quanti
 @click.option("--overlays/--no-overlays", default=True, show_default=True)
 @click.option("--calibrate", is_flag=True, help="Store the F1-max thresholds of this labelled set in the bundle "
               "(replaces the out-of-sample ones; use a split you do not report on).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
     """Image AUROC, pixel AUROC, PRO (AUPRO to FPR 0.3), F1-max, and the false-positive rate and recall
@@ -148,6 +174,7 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
     from edgead.data import MvtecCategory, find_categories
     from edgead.evaluate import evaluate_category, format_table, write_json
 
+    check_output_folder(out, "--out")
     bundle = load_bundle(bundle_dir)
     categories = find_categories(data)
     if len(categories) != 1:
@@ -176,7 +203,7 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
 @click.option("--weights", default="imagenet", show_default=True)
 @click.option("--size", default="256", show_default=True)
 @click.option("--categories", default=None, help="Comma-separated demo categories (default: all).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--export/--no-export", default=True, show_default=True, help="Also export the first category to ONNX and check it against torch.")
 @click.option("--quick", is_flag=True, help="A few images per category (smoke test, seconds).")
 def demo(out, backbone, weights, size, categories, seed, export, quick):
@@ -193,6 +220,7 @@ def demo(out, backbone, weights, size, categories, seed, export, quick):
     from edgead.evaluate import evaluate_category, format_table, write_json
 
     input_hw = _parse_size(size)
+    check_output_folder(out, "--out")
     names = tuple(c.strip() for c in categories.split(",")) if categories else demo_data.DEFAULT_CATEGORIES
     data_root = os.path.join(out, "data")
     click.echo("building demo dataset in {} ...".format(data_root))

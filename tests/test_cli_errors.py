@@ -1,0 +1,196 @@
+"""Every CLI error path: one line ``edgead: error: ...``, exit code 2, no traceback,
+output paths checked before the long work starts, and nothing already there touched.
+
+Run/bench inputs: tests/test_run_reliability.py; model.json / metadata contents: tests/test_schema*.py.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from edgead.cli import cli
+
+from test_cli_workstation import _write_category
+
+FIT = ["--backbone", "resnet18", "--weights", "random", "--size", "64", "--dim", "16"]
+
+
+def _runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 keeps stderr apart already
+        return CliRunner()
+
+
+def _fails_in_one_line(args, match, exit_code=2):
+    """Invoke; assert the exit code, one error line matching ``match`` on stderr, and no exception escaped."""
+    result = _runner().invoke(cli, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == exit_code, (result.exit_code, result.output)
+    stderr = result.stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("edgead: error:")]
+    assert len(lines) == 1, stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return _write_category(str(tmp_path_factory.mktemp("data") / "widget"))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(category, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("models") / "widget.edgead")
+    result = _runner().invoke(cli, ["fit", category, "-o", out] + FIT)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ---- fit: every output problem is found before the fit starts -------------------------------------
+
+def test_fit_into_an_existing_file_fails_first_and_leaves_it(category, tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"13.5 MB of someone's model")
+    started = time.perf_counter()
+    _fails_in_one_line(["fit", category, "-o", str(target)] + FIT, "not a folder")
+    assert time.perf_counter() - started < 3.0  # no backbone was built, no image read
+    assert target.read_bytes() == b"13.5 MB of someone's model"
+
+
+def test_fit_into_the_data_folder_is_refused(category):
+    train = os.path.join(category, "train", "good")
+    before = sorted(os.listdir(train))
+    line = _fails_in_one_line(["fit", category, "-o", train] + FIT, "not an edgead bundle")
+    assert train in line and sorted(os.listdir(train)) == before
+
+
+def test_fit_below_a_file(category, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    _fails_in_one_line(["fit", category, "-o", str(tmp_path / "notes.txt" / "b.edgead")] + FIT, "is a file")
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("--dim", "0", "--dim"), ("--dim", "-5", "--dim"), ("--seed", "-1", "--seed"),
+    ("--seed", str(2 ** 32), "--seed"), ("--batch-size", "0", "--batch-size"),
+    ("--size", "100000", "at most 8192"), ("--size", "63", "--size"), ("--size", "abc", "--size"),
+    ("--folds", "1", "--folds"), ("--quantile", "1.5", "quantile"), ("--quantile", "nan", "quantile"),
+])
+def test_fit_option_out_of_range(category, tmp_path, option, value, match):
+    args = ["fit", category, "-o", str(tmp_path / "b")] + [a for a in FIT if a not in ()]
+    args += [option, value]
+    _fails_in_one_line(args, match)
+    assert not os.path.exists(str(tmp_path / "b"))
+
+
+def test_fit_size_that_does_not_fit_in_memory_fails_before_allocating(category, tmp_path, monkeypatch):
+    from edgead import resources
+
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda meminfo=None: 64 << 20)  # a 64 MB machine
+    line = _fails_in_one_line(["fit", category, "-o", str(tmp_path / "b"), "--backbone", "resnet18", "--weights",
+                               "random", "--size", "1024", "--dim", "100"], "needs at least")
+    assert "available" in line and "--size" in line
+    assert not os.path.exists(str(tmp_path / "b"))
+
+
+def test_padim_fit_memory_estimate_counts_the_statistics():
+    from edgead.resources import padim_fit_bytes
+
+    # 256 px, stride 4: 4096 patches; D = 100: T = 5050 packed elements, 12 B each, + [P, D] float64 sums
+    stats = 4096 * (100 * 8 + 5050 * 12)
+    assert padim_fit_bytes(4096, 100, (256, 256), 0) == stats
+    assert padim_fit_bytes(4096, 100, (256, 256), 16) == stats + 16 * 256 * 256 * 128
+
+
+def test_unpicklable_weights_file_gives_no_unsafe_advice(category, tmp_path):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, str(evil))
+    line = _fails_in_one_line(["fit", category, "-o", str(tmp_path / "b"), "--backbone", "resnet18",
+                               "--weights", str(evil), "--size", "64"], "never unpickles")
+    assert "weights_only" not in line and "False" not in line
+
+
+# ---- eval / demo / export output paths ----------------------------------------------------------
+
+def test_eval_out_that_is_a_file(bundle_dir, category, tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("{}")
+    _fails_in_one_line(["eval", bundle_dir, category, "--out", str(target)], "not a folder")
+    assert target.read_text() == "{}"
+
+
+def test_demo_out_that_is_a_file(tmp_path):
+    target = tmp_path / "demo_out"
+    target.write_text("mine")
+    _fails_in_one_line(["demo", "--out", str(target), "--quick"], "not a folder")
+
+
+def test_export_into_a_folder_or_a_missing_parent(bundle_dir, tmp_path):
+    _fails_in_one_line(["export", bundle_dir, "-o", str(tmp_path)], "is a folder")
+    _fails_in_one_line(["export", bundle_dir, "-o", str(tmp_path / "no" / "m.onnx")], "does not exist")
+
+
+def test_export_never_replaces_a_file_that_is_not_an_edgead_model(bundle_dir, tmp_path):
+    target = tmp_path / "notes.onnx"
+    target.write_bytes(b"my notes, not a model")
+    _fails_in_one_line(["export", bundle_dir, "-o", str(target)], "--force")
+    assert target.read_bytes() == b"my notes, not a model"
+    image = tmp_path / "part.png"
+    image.write_bytes(b"\x89PNG")
+    _fails_in_one_line(["export", bundle_dir, "-o", str(image)], ".onnx")
+    result = _runner().invoke(cli, ["export", bundle_dir, "-o", str(target), "--force"])
+    assert result.exit_code == 0, result.output
+    again = _runner().invoke(cli, ["export", bundle_dir, "-o", str(target)])  # our own model: replaced
+    assert again.exit_code == 0, again.output
+
+
+# ---- unexpected exceptions: one line and a --debug hint --------------------------------------------
+
+def test_unexpected_exception_is_one_line_with_a_debug_hint(bundle_dir, tmp_path, monkeypatch):
+    from edgead.exporters import onnx_export
+
+    def broken(*args, **kwargs):
+        raise ValueError("internal shape mismatch\nsecond line of detail")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    line = _fails_in_one_line(["export", bundle_dir, "-o", str(tmp_path / "m.onnx")], "unexpected ValueError")
+    assert "internal shape mismatch second line of detail" in line and "--debug" in line
+    result = _runner().invoke(cli, ["--debug", "export", bundle_dir, "-o", str(tmp_path / "m.onnx")])
+    assert isinstance(result.exception, ValueError)  # --debug lets the traceback through
+
+
+def test_out_of_memory_and_os_errors_are_one_line(bundle_dir, tmp_path, monkeypatch):
+    import errno
+
+    from edgead.exporters import onnx_export
+
+    def oom(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(onnx_export, "export_onnx", oom)
+    _fails_in_one_line(["export", bundle_dir, "-o", str(tmp_path / "m.onnx")], "out of memory")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "m.onnx"))
+
+    monkeypatch.setattr(onnx_export, "export_onnx", full)
+    line = _fails_in_one_line(["export", bundle_dir, "-o", str(tmp_path / "m.onnx")], "No space left on device")
+    assert str(tmp_path / "m.onnx") in line
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    """No CliRunner: the installed entry point, stderr exactly one line."""
+    proc = subprocess.run([sys.executable, "-m", "edgead", "export", str(tmp_path / "nothing"), "-o",
+                           str(tmp_path / "m.onnx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().count("\n") == 1 and proc.stderr.startswith(b"edgead: error:"), proc.stderr
