@@ -14,6 +14,10 @@ seconds before each attempt; every attempt is logged. The budget is refilled onl
 successfully, so a device that reopens but never delivers still gives up. When they all fail, or a finite source fails,
 the error is kept in ``CaptureThread.error`` and the stream ends. ``stop()`` always returns within
 ``join_timeout`` seconds; the thread is a daemon so a source stuck in a driver call cannot hang exit.
+
+One unreadable frame (``sources.FrameError``, e.g. a corrupt image in a folder) is skipped with
+``on_error="skip"``: counted in ``skipped``, reported through ``warn(message)`` and the stream goes on;
+with ``on_error="stop"`` it ends the stream like any other error (frames before it are delivered).
 """
 import collections
 import logging
@@ -21,6 +25,7 @@ import threading
 import time
 
 from edgead.errors import SourceError
+from edgead.runtime.sources import FrameError
 
 log = logging.getLogger("edgead.runtime.capture")
 
@@ -125,10 +130,14 @@ class CaptureThread(object):
         backoff, backoff_max: seconds before the first retry, cap of the doubling delay.
         sleep: function(seconds) used for the backoff waits (tests inject a fake); default waits on
             the stop event so ``stop()`` interrupts a backoff.
+        on_error: ``"stop"`` (default) or ``"skip"``: what an unreadable frame (FrameError) does.
+        warn: function(message) told about each skipped frame (default: ``log.warning``).
     """
 
     def __init__(self, source, queue_size=4, drop=None, max_frames=None, reconnect_attempts=5, backoff=0.5,
-                 backoff_max=8.0, sleep=None):
+                 backoff_max=8.0, sleep=None, on_error="stop", warn=None):
+        if on_error not in ("skip", "stop"):
+            raise ValueError("on_error must be 'skip' or 'stop'")
         self.source = source
         self.queue = FrameQueue(queue_size, source.live if drop is None else drop)
         self.max_frames = max_frames
@@ -136,14 +145,20 @@ class CaptureThread(object):
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
         self._stop = threading.Event()
+        if hasattr(source, "cancel"):
+            source.cancel = self._stop  # stop() also abandons an open/reopen in progress
         self._sleep = sleep if sleep is not None else self._stop.wait
+        self.on_error = on_error
+        self._warn = warn if warn is not None else log.warning
+        self.skipped = 0
         self._thread = None
         self._opened = False
         self.error = None
         self._failures = 0
         self.captured = 0
         self.reconnects = 0
-        self.backoff_waits = []
+        #: the most recent backoff waits (seconds), bounded for months-long runs
+        self.backoff_waits = collections.deque(maxlen=256)
 
     @property
     def dropped(self):
@@ -165,6 +180,11 @@ class CaptureThread(object):
                 try:
                     frame = self.source.read()
                 except SourceError as exc:
+                    if isinstance(exc, FrameError) and not self.source.live and self.on_error == "skip" \
+                            and not self._stop.is_set():
+                        self.skipped += 1
+                        self._warn("{}; skipped".format(exc))
+                        continue
                     if self.source.live and not self._stop.is_set() and self._reconnect(exc):
                         continue
                     if not self._stop.is_set():

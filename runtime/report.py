@@ -3,20 +3,30 @@
 Report dict (``build_report``), all times in milliseconds::
 
     {"edgead_version", "created" (UTC ISO 8601), "model", "source", "live",
-     "frames", "dropped", "reconnects", "batch_size", "mean_batch", "wall_s", "fps",
+     "frames", "skipped", "dropped", "reconnects", "invalid_scores", "batch_size", "mean_batch", "wall_s", "fps",
      "stages": {stage: {"count", "mean", "p50", "p90", "p99", "max", "min"}},
      "backend": engine.info(), "device": device_info()}
 
-``fps`` = frames / wall_s (end to end, including capture and output). Stage statistics are per
-batch (per frame when batch_size is 1), except ``latency``, which is per frame (capture -> result).
+``frames`` = frames processed (results produced); ``skipped`` = unreadable frames skipped
+(``--on-error skip``); ``dropped`` = live frames the capture queue discarded. ``fps`` = frames / wall_s
+(end to end, including capture and output). Stage statistics are per batch (per frame when batch_size
+is 1), except ``latency``, which is per frame (capture -> result).
+
+Timings are summarised in bounded memory (``StageStats``: exact count/sum/min/max, a DDSketch with
+0.5 % relative accuracy for the percentiles, the last 4096 raw values for the histogram), so a run
+of months costs the same memory as a run of seconds. Reports are strict JSON: NaN/inf become null.
 """
+import collections
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
+import struct
+import zlib
 
 import numpy as np
 
@@ -26,6 +36,15 @@ log = logging.getLogger("edgead.runtime.report")
 
 PERCENTILES = (50, 90, 99)
 STAGE_ORDER = ("capture_wait", "preprocess", "infer", "postprocess", "output", "latency")
+#: DDSketch relative accuracy of the stage percentiles (0.5 %)
+RELATIVE_ACCURACY = 0.005
+#: raw values kept per stage for the histogram (the most recent ones)
+RECENT_VALUES = 4096
+#: keys that identify a JSON file as an edgead report (``edgead.output_paths`` lets a run replace one)
+REPORT_KEYS = ("edgead_version", "stages")
+#: PNG text chunk that marks a histogram as ours (``--plot`` may replace it without ``--force``)
+PNG_MARK_KEY = "Software"
+PNG_MARK_VALUE = "edgead"
 
 
 # --- device information -----------------------------------------------------------------------------
@@ -114,11 +133,80 @@ def device_info():
 
 # --- statistics -------------------------------------------------------------------------------------
 
+class StageStats(object):
+    """Bounded summary of one stage's timings (seconds), whatever the number of values.
+
+    Exact ``count``, ``sum``, ``min``, ``max``; percentiles from a DDSketch (``quantile(q)`` is within
+    ``relative_accuracy`` of the exact order statistic at rank ``q * (count - 1)``, bins capped at
+    ``bin_limit`` so memory is fixed); ``recent``: the last ``recent_values`` raw values (histograms).
+    """
+
+    def __init__(self, relative_accuracy=RELATIVE_ACCURACY, recent_values=RECENT_VALUES, bin_limit=2048):
+        from ddsketch import LogCollapsingLowestDenseDDSketch
+
+        self.relative_accuracy = float(relative_accuracy)
+        self._sketch = LogCollapsingLowestDenseDDSketch(self.relative_accuracy, bin_limit=bin_limit)
+        self.recent = collections.deque(maxlen=int(recent_values))
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, seconds):
+        value = float(seconds)
+        if not math.isfinite(value):
+            return
+        value = max(value, 0.0)
+        self._sketch.add(value)
+        self.recent.append(value)
+        self.count += 1
+        self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+    def quantile(self, q):
+        """Approximate q-quantile (0..1) in seconds, clamped to [min, max]; None when empty."""
+        if not self.count:
+            return None
+        value = self._sketch.get_quantile_value(q)
+        return min(max(float(value), self.min), self.max)
+
+    @property
+    def mean(self):
+        return self.sum / self.count if self.count else None
+
+    def __len__(self):
+        return self.count
+
+    def __repr__(self):
+        return "StageStats(count={}, mean={})".format(self.count, self.mean)
+
+
+def _recent(values):
+    """Raw values of a StageStats (its recent window) or of a sequence."""
+    return values.recent if isinstance(values, StageStats) else values
+
+
 def stage_stats(seconds):
-    """Seconds -> {"count", "mean", "p50", "p90", "p99", "max", "min"} in ms (numpy linear percentiles)."""
+    """Seconds -> {"count", "mean", "p50", "p90", "p99", "max", "min"} in ms.
+
+    ``seconds``: a ``StageStats`` (exact count/mean/min/max, DDSketch percentiles) or a sequence
+    (numpy linear percentiles)."""
+    empty = {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None, "min": None}
+    if isinstance(seconds, StageStats):
+        if not seconds.count:
+            return empty
+        stats = {"count": seconds.count, "mean": seconds.mean * 1000.0}
+        for q in PERCENTILES:
+            stats["p{}".format(q)] = seconds.quantile(q / 100.0) * 1000.0
+        stats["max"] = seconds.max * 1000.0
+        stats["min"] = seconds.min * 1000.0
+        return stats
     values = np.asarray(seconds, dtype=np.float64) * 1000.0
     if values.size == 0:
-        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None, "min": None}
+        return empty
     stats = {"count": int(values.size), "mean": float(values.mean())}
     for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
         stats["p{}".format(q)] = float(v)
@@ -144,8 +232,10 @@ def build_report(stats, backend_info=None, model=None, source=None, live=None, e
         "source": source,
         "live": live,
         "frames": frames,
+        "skipped": int(stats.get("skipped", 0)),
         "dropped": int(stats.get("dropped", 0)),
         "reconnects": int(stats.get("reconnects", 0)),
+        "invalid_scores": int(stats.get("invalid_scores", 0)),
         "batch_size": stats.get("batch_size"),
         "mean_batch": stats.get("mean_batch"),
         "wall_s": wall,
@@ -159,9 +249,40 @@ def build_report(stats, backend_info=None, model=None, source=None, live=None, e
     return report
 
 
+def jsonable(value):
+    """A copy of ``value`` that strict JSON accepts: NaN/inf floats (numpy ones too) -> None, numpy
+    scalars/arrays -> Python numbers/lists, tuples -> lists, other objects -> str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def dumps(value, **kwargs):
+    """``json.dumps`` of ``jsonable(value)`` with ``allow_nan=False``: always strict JSON."""
+    return json.dumps(jsonable(value), allow_nan=False, **kwargs)
+
+
+def is_report(data):
+    """True when ``data`` (parsed JSON) looks like an edgead report (a dict with ``REPORT_KEYS``)."""
+    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS)
+
+
 def write_json(path, report):
-    """Atomically write ``report`` as indented JSON."""
-    atomic.write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+    """Atomically write ``report`` as indented strict JSON (NaN/inf written as null)."""
+    atomic.write_text(path, dumps(report, indent=2) + "\n")
 
 
 def _fmt(value, spec="{:9.2f}"):
@@ -177,9 +298,11 @@ def format_table(report):
                                                      _fmt(s["p90"]), _fmt(s["p99"]), _fmt(s["max"])))
     lines.append("-" * len(header))
     fps = report.get("fps")
-    lines.append("frames {}  dropped {}  reconnects {}  batch {}  wall {:.2f} s  FPS {}".format(
-        report["frames"], report["dropped"], report.get("reconnects", 0), report.get("batch_size"),
-        report["wall_s"], "-" if fps is None else "{:.1f}".format(fps)))
+    lines.append("frames {}  skipped {}  dropped {}  reconnects {}  batch {}  wall {:.2f} s  FPS {}".format(
+        report["frames"], report.get("skipped", 0), report["dropped"], report.get("reconnects", 0),
+        report.get("batch_size"), report["wall_s"], "-" if fps is None else "{:.1f}".format(fps)))
+    if report.get("invalid_scores"):
+        lines.append("invalid (NaN/inf) scores {}".format(report["invalid_scores"]))
     backend = report.get("backend") or {}
     if backend:
         lines.append("backend {}  providers {}  {}".format(
@@ -198,14 +321,16 @@ def format_table(report):
 def plot_histogram(timings, path, title="edgead latency"):
     """Per-stage latency histograms (ms) as one PNG, written atomically.
 
-    Uses matplotlib (Agg) when installed, else draws with OpenCV. Returns the backend used
-    (``"matplotlib"`` / ``"opencv"``), or None when there was nothing to plot (warning logged).
+    ``timings``: stage -> ``StageStats`` (its last ``RECENT_VALUES`` values are plotted) or a sequence
+    of seconds. Uses matplotlib (Agg) when installed, else draws with OpenCV. The PNG carries a
+    ``Software: edgead`` text chunk (``is_our_png``). Returns the backend used (``"matplotlib"`` /
+    ``"opencv"``), or None when there was nothing to plot (warning logged).
     """
-    stages = [s for s in _ordered(timings) if len(timings[s])]
+    stages = [s for s in _ordered(timings) if len(_recent(timings[s]))]
     if not stages:
         log.warning("%s: no timings to plot", path)
         return None
-    data = [np.asarray(timings[s], np.float64) * 1000.0 for s in stages]
+    data = [np.asarray(list(_recent(timings[s])), np.float64) * 1000.0 for s in stages]
     try:
         import matplotlib
 
@@ -231,7 +356,7 @@ def plot_histogram(timings, path, title="edgead latency"):
     fig.tight_layout()
     try:
         with atomic.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+            fig.savefig(tmp, format="png", dpi=100, metadata={PNG_MARK_KEY: PNG_MARK_VALUE})
     finally:
         plt.close(fig)
     return "matplotlib"
@@ -257,4 +382,23 @@ def _plot_opencv(stages, data, path, title):
         label = "{}: {:.2f}..{:.2f} ms, p50 {:.2f}".format(name, edges[0], edges[-1], float(np.median(values)))
         cv2.putText(canvas, label, (10, top + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     ok, encoded = cv2.imencode(".png", canvas)
-    atomic.write_bytes(path, encoded.tobytes())
+    atomic.write_bytes(path, mark_png(encoded.tobytes()))
+
+
+def mark_png(data):
+    """PNG bytes with a ``Software: edgead`` tEXt chunk inserted after IHDR."""
+    body = PNG_MARK_KEY.encode("latin-1") + b"\x00" + PNG_MARK_VALUE.encode("latin-1")
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, length, type, IHDR data, crc
+    return data[:ihdr_end] + chunk + data[ihdr_end:]
+
+
+def is_our_png(path, limit=1 << 16):
+    """True when ``path`` is a PNG whose first ``limit`` bytes hold the ``Software: edgead`` tEXt chunk."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(limit)
+    except OSError:
+        return False
+    mark = b"tEXt" + PNG_MARK_KEY.encode("latin-1") + b"\x00" + PNG_MARK_VALUE.encode("latin-1")
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and mark in head

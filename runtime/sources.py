@@ -14,14 +14,24 @@ URI                                             opens                           
 
 A source yields ``Frame(image, index, timestamp, name)``: ``image`` RGB uint8 ``[H, W, 3]`` at the
 source's own size, ``index`` 0, 1, 2 … (continues across reconnects), ``timestamp`` =
-``time.perf_counter()`` seconds at capture, ``name`` = image file name (image sources) or None.
+``time.perf_counter()`` seconds at capture, ``name`` = for image sources the file's path relative to
+the folder/glob root (``ImageSource.root``, ``/``-separated, e.g. ``b/001.png`` for ``'imgs/**/*.png'``),
+else None.
 
 ``Source.read()`` returns the next Frame, or None at the end of a finite stream; iterating an opened
 source yields its frames. A live source that
 stops delivering raises ``SourceError`` (the capture thread then reconnects with ``close(); open()``).
+One unreadable file of an image source raises ``FrameError`` (a ``SourceError``); the source can go on
+with the next file, so the capture thread may skip it (``on_error="skip"``).
+
+Opening cameras and streams (``CvCaptureSource``) is bounded by ``open_timeout`` seconds (default
+``DEFAULT_OPEN_TIMEOUT``): FFmpeg gets it as its open and read timeouts, and the open itself runs in a
+daemon thread that the caller waits on in short slices, so Ctrl-C / SIGTERM are handled at once and a
+host that never answers ends with ``SourceError("<uri>: no answer within N s (--open-timeout)")``.
 """
 import collections
 import os
+import threading
 import time
 
 import numpy as np
@@ -39,6 +49,13 @@ SourceSpec.__doc__ = """Parsed URI: ``kind`` in csi/v4l2/network/video/images/sy
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".h264", ".h265",
                     ".wmv", ".flv")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
+#: seconds a camera/stream may take to open (and, for FFmpeg, to deliver one read)
+DEFAULT_OPEN_TIMEOUT = 10.0
+_OPEN_SLICE = 0.05
+
+
+class FrameError(SourceError):
+    """One frame (an image file) cannot be read; the source itself can go on with the next one."""
 
 
 def _split_query(rest):
@@ -228,14 +245,83 @@ class CvCaptureSource(Source):
     ``cv2.CAP_PROP_*`` name -> value applied after opening (V4L2 width/height/fps).
     """
 
-    def __init__(self, uri, target, api=None, live=False, settings=None, hint=""):
+    def __init__(self, uri, target, api=None, live=False, settings=None, hint="", open_timeout=DEFAULT_OPEN_TIMEOUT):
         Source.__init__(self, uri)
         self.target = target
         self.api = api
         self.live = live
         self.settings = dict(settings or {})
         self.hint = hint
+        self.open_timeout = None if open_timeout is None else float(open_timeout)
+        #: threading.Event: when set, a pending open gives up (the capture thread sets its stop event here)
+        self.cancel = None
         self._cap = None
+
+    def _timeout_params(self, cv2):
+        """``[CAP_PROP_OPEN_TIMEOUT_MSEC, ms, CAP_PROP_READ_TIMEOUT_MSEC, ms]`` for FFmpeg, else []."""
+        if self.open_timeout is None or self.api != "CAP_FFMPEG" or not hasattr(cv2, "CAP_PROP_OPEN_TIMEOUT_MSEC"):
+            return []
+        ms = max(1, int(self.open_timeout * 1000))
+        return [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+
+    def _create(self, cv2, api):
+        params = self._timeout_params(cv2)
+        if params:
+            try:
+                return cv2.VideoCapture(self.target, api, params)
+            except (TypeError, cv2.error):  # OpenCV < 4.5.2: no params overload
+                pass
+        return cv2.VideoCapture(self.target, api)
+
+    def _open_bounded(self, cv2, api):
+        """``cv2.VideoCapture`` in a daemon thread, waited on in short slices (signals stay prompt).
+
+        Returns the capture; raises SourceError when ``open_timeout`` (+ 1 s grace for OpenCV's own
+        timeout to fire) passes or ``cancel`` is set. An abandoned open releases its capture itself."""
+        box = {"cap": None, "error": None, "abandoned": False}
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def worker():
+            try:
+                cap = self._create(cv2, api)
+            except Exception as exc:  # cv2.error and friends: reported by the caller
+                cap, box["error"] = None, exc
+            with lock:
+                if box["abandoned"]:
+                    if cap is not None:
+                        cap.release()
+                else:
+                    box["cap"] = cap
+            done.set()
+
+        thread = threading.Thread(target=worker, name="edgead-open", daemon=True)
+        t0 = time.monotonic()
+        thread.start()
+        deadline = None if self.open_timeout is None else t0 + self.open_timeout + 1.0
+        try:
+            while not done.wait(_OPEN_SLICE):
+                if self.cancel is not None and self.cancel.is_set():
+                    raise SourceError("{}: open cancelled".format(self.uri))
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise SourceError("{}: no answer within {:g} s (--open-timeout)".format(self.uri,
+                                                                                          self.open_timeout))
+        except BaseException:
+            with lock:
+                box["abandoned"] = True
+                cap = box["cap"]
+                box["cap"] = None
+            if cap is not None:
+                cap.release()
+            raise
+        if box["error"] is not None:
+            raise SourceError("{}: cannot open: {}".format(self.uri, box["error"]))
+        cap = box["cap"]
+        if cap is not None and not cap.isOpened() and self.open_timeout is not None \
+                and time.monotonic() - t0 >= 0.9 * self.open_timeout:
+            cap.release()  # OpenCV's own open timeout fired
+            raise SourceError("{}: no answer within {:g} s (--open-timeout)".format(self.uri, self.open_timeout))
+        return cap
 
     def open(self):
         import cv2
@@ -246,7 +332,7 @@ class CvCaptureSource(Source):
             raise SourceError("{}: this OpenCV ({}) was built without GStreamer; on Jetson use the JetPack "
                               "OpenCV (python3-opencv), not the pip wheel".format(self.uri, cv2.__version__))
         api = getattr(cv2, self.api) if self.api else cv2.CAP_ANY
-        cap = cv2.VideoCapture(self.target, api)
+        cap = self._open_bounded(cv2, api) if self.live else cv2.VideoCapture(self.target, api)
         if not cap.isOpened():
             cap.release()
             raise SourceError("{}: cannot open{}".format(self.uri, self.hint))
@@ -278,12 +364,42 @@ class CvCaptureSource(Source):
             self._cap = None
 
 
+def image_root(spec):
+    """The folder image names are relative to: the folder itself, a single file's folder, or a glob's
+    leading folders without wildcards (``'imgs/**/*.png'`` -> ``imgs``; ``'*.png'`` -> ``.``)."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        return spec
+    if not set("*?[") & set(spec):
+        return os.path.dirname(spec) or "."
+    parts = spec.replace(os.sep, "/").split("/")
+    fixed = []
+    for part in parts[:-1]:
+        if set("*?[") & set(part):
+            break
+        fixed.append(part)
+    if not fixed:
+        return "."
+    root = "/".join(fixed)
+    return root or "/"
+
+
+def relative_name(path, root):
+    """``path`` relative to ``root``, ``/``-separated (the Frame name of an image source)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return rel.replace(os.sep, "/")
+
+
 class ImageSource(Source):
-    """Sorted image files of a folder (non-recursive), a glob (``**`` recurses) or one file."""
+    """Sorted image files of a folder (non-recursive), a glob (``**`` recurses) or one file.
+
+    Frame names are paths relative to ``root`` (``image_root``), so equal file names in different
+    sub-folders stay distinct. An unreadable file raises ``FrameError``; the next ``read`` goes on."""
 
     def __init__(self, uri, spec):
         Source.__init__(self, uri)
         self.spec = spec
+        self.root = image_root(spec)
         self.paths = None
         self._pos = 0
 
@@ -308,8 +424,8 @@ class ImageSource(Source):
         try:
             image = read_image(path)
         except DataError as exc:
-            raise SourceError(str(exc))
-        return self._frame(image, os.path.basename(path))
+            raise FrameError(str(exc))
+        return self._frame(image, relative_name(path, self.root))
 
     def __len__(self):
         return len(self.paths) if self.paths is not None else 0
@@ -397,8 +513,9 @@ class SyntheticSource(Source):
         return self.frames
 
 
-def make_source(uri, size=None):
-    """Source object for ``uri`` (not opened yet). size: default (H, W) for ``synthetic://`` without width/height."""
+def make_source(uri, size=None, open_timeout=DEFAULT_OPEN_TIMEOUT):
+    """Source object for ``uri`` (not opened yet). size: default (H, W) for ``synthetic://`` without width/height;
+    open_timeout: seconds a camera/stream may take to open (None = no limit; see module doc)."""
     spec = parse_uri(uri)
     kind, loc, params = spec
     text = str(uri)
@@ -419,7 +536,8 @@ def make_source(uri, size=None):
         flip = _int(params, "flip", 0, text)
         source = CvCaptureSource(text, gstreamer_csi_pipeline(loc, width, height, fps, flip), "CAP_GSTREAMER",
                                  live=True, hint=" (is the camera connected and nvargus-daemon running? "
-                                                 "try: sudo systemctl restart nvargus-daemon)")
+                                                 "try: sudo systemctl restart nvargus-daemon)",
+                                 open_timeout=open_timeout)
         source.fps = float(fps)
         return source
     if kind == "v4l2":
@@ -430,21 +548,23 @@ def make_source(uri, size=None):
                 settings[prop] = _int(params, key, 0, text, 1)
         return CvCaptureSource(text, loc, "CAP_V4L2", live=True, settings=settings,
                                hint=" (does the device exist, and may this user read it? see v4l2-ctl "
-                                    "--list-devices)")
+                                    "--list-devices)", open_timeout=open_timeout)
     if kind == "network":
         backend = params.get("backend", "ffmpeg").lower()
         if backend == "gstreamer":
             target = gstreamer_rtsp_pipeline(loc, _int(params, "latency", 200, text), params.get("codec", "h264"),
                                              params.get("decoder", "decodebin"))
-            return CvCaptureSource(text, target, "CAP_GSTREAMER", live=True, hint=" (check the URL and network)")
+            return CvCaptureSource(text, target, "CAP_GSTREAMER", live=True, hint=" (check the URL and network)",
+                                   open_timeout=open_timeout)
         if backend != "ffmpeg":
             raise SourceError("{}: backend must be ffmpeg or gstreamer, got {!r}".format(text, backend))
-        return CvCaptureSource(text, loc, "CAP_FFMPEG", live=True, hint=" (check the URL and network)")
+        return CvCaptureSource(text, loc, "CAP_FFMPEG", live=True, hint=" (check the URL and network)",
+                               open_timeout=open_timeout)
     raise SourceError("{}: unsupported source kind {}".format(text, kind))  # pragma: no cover
 
 
-def open_source(uri, size=None):
-    """``make_source(uri, size)`` then ``open()``."""
-    source = make_source(uri, size)
+def open_source(uri, size=None, open_timeout=DEFAULT_OPEN_TIMEOUT):
+    """``make_source(uri, size, open_timeout)`` then ``open()``."""
+    source = make_source(uri, size, open_timeout)
     source.open()
     return source

@@ -252,3 +252,142 @@ def test_reopens_but_never_delivers_gives_up():
     capture.stop()
     assert waits == [0.1, 0.2, 0.4] and source.opened == 4
     assert capture.reconnects == 3 and "no frame" in str(capture.error)
+
+
+# --- unreadable frames: skip or stop -------------------------------------------------------------------
+
+class BadFileSource(CountingSource):
+    """Finite source whose frames listed in ``bad`` are unreadable files (FrameError)."""
+
+    def __init__(self, n, bad, live=False):
+        CountingSource.__init__(self, n, live)
+        self.bad = set(bad)
+        self.pos = 0
+
+    def read(self):
+        from edgead.runtime.sources import FrameError
+
+        if self.pos >= self.n:
+            return None
+        self.pos += 1
+        if self.pos - 1 in self.bad:
+            raise FrameError("img{}.png: not a readable image".format(self.pos - 1))
+        return self._frame(TINY, "img{}.png".format(self.pos - 1))
+
+
+def test_skip_unreadable_frames_counts_and_warns():
+    warnings = []
+    capture = CaptureThread(BadFileSource(6, bad=(1, 4)), on_error="skip", warn=warnings.append).start()
+    frames = _drain(capture)
+    capture.stop()
+    assert [f.name for f in frames] == ["img0.png", "img2.png", "img3.png", "img5.png"]
+    assert [f.index for f in frames] == [0, 1, 2, 3]
+    assert capture.skipped == 2 and capture.error is None
+    assert warnings == ["img1.png: not a readable image; skipped", "img4.png: not a readable image; skipped"]
+
+
+def test_stop_on_unreadable_frame_delivers_what_came_before():
+    from edgead.runtime.sources import FrameError
+
+    capture = CaptureThread(BadFileSource(6, bad=(2,)), on_error="stop").start()
+    frames = _drain(capture)
+    capture.stop()
+    assert [f.name for f in frames] == ["img0.png", "img1.png"]
+    assert isinstance(capture.error, FrameError) and capture.skipped == 0
+    with pytest.raises(ValueError):
+        CaptureThread(CountingSource(1, live=False), on_error="ignore")
+
+
+# --- a real stream: MJPEG over HTTP, dropped and reconnected ---------------------------------------
+
+class _MjpegServer(object):
+    """``multipart/x-mixed-replace`` JPEG stream on 127.0.0.1 (port 0). Connection k (1-based) serves
+    ``per_connection`` frames whose grey level encodes the global frame number, then drops the connection.
+    After ``connections`` connections the server shuts down for good (connection refused)."""
+
+    def __init__(self, per_connection=5, connections=2, interval=0.01):
+        import http.server
+        import socketserver
+
+        owner = self
+        self.per_connection, self.connections, self.interval = per_connection, connections, interval
+        self.served = 0
+        self.count = 0
+        self.gone = threading.Event()
+        self.closed = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                import cv2
+
+                owner.count += 1
+                last = owner.count >= owner.connections
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for _ in range(owner.per_connection):
+                        value = min(255, 10 * owner.served)
+                        ok, buf = cv2.imencode(".jpg", np.full((48, 64, 3), value, np.uint8))
+                        data = buf.tobytes()
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                         + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
+                        self.wfile.flush()
+                        owner.served += 1
+                        time.sleep(owner.interval)
+                except OSError:
+                    return
+                if last:
+                    owner.gone.set()  # the test shuts the listening socket before this connection drops
+                    owner.closed.wait(5)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:{}/stream.mjpg".format(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
+        self.thread.start()
+        self.closer = threading.Thread(target=self._close_when_gone, daemon=True)
+        self.closer.start()
+
+    def _close_when_gone(self):
+        self.gone.wait(30)
+        self.shutdown()
+
+    def shutdown(self):
+        if not self.closed.is_set():
+            self.server.shutdown()
+            self.server.server_close()
+            self.closed.set()
+
+
+def test_mjpeg_over_http_reconnects_then_gives_up():
+    """FFmpeg reads the stream; the server drops it after 5 frames (reconnect, backoff), serves 5 more, then
+    disappears for good: SourceError after the bounded attempts. Indices continue across the reconnect."""
+    from edgead.runtime.sources import make_source
+
+    server = _MjpegServer(per_connection=5, connections=2)
+    try:
+        source = make_source(server.url, open_timeout=3)
+        assert source.live and source.api == "CAP_FFMPEG"
+        capture = CaptureThread(source, queue_size=100, reconnect_attempts=3, backoff=0.05, backoff_max=0.2)
+        t0 = time.perf_counter()
+        capture.start()
+        frames = _drain(capture)
+        capture.stop()
+        elapsed = time.perf_counter() - t0
+    finally:
+        server.shutdown()
+    assert [f.index for f in frames] == list(range(10))
+    levels = [int(round(f.image.mean() / 10.0)) for f in frames]  # JPEG is lossy: the grey level, /10
+    assert levels == list(range(10))  # no frame lost or repeated across the reconnect
+    assert capture.reconnects == 1
+    # drop 1: wait 0.05, reopen ok; drop 2: 0.05 (budget refilled by frames), 0.1, 0.2, all refused
+    assert list(capture.backoff_waits) == [0.05, 0.05, 0.1, 0.2]
+    assert isinstance(capture.error, SourceError) and server.url in str(capture.error)
+    assert elapsed < 10

@@ -101,7 +101,7 @@ def test_bench_table(model):
     result = _invoke(["bench", model, "--frames", "5", "--warmup", "0", "--no-annotate"])
     assert result.exit_code == 0
     assert result.output.splitlines()[0].split()[:3] == ["stage", "(ms)", "n"]
-    assert "frames 5  dropped 0" in result.output
+    assert "frames 5  skipped 0  dropped 0" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -156,15 +156,51 @@ def test_ctrl_c_finishes_video_and_report(model, tmp_path, monkeypatch):
     cap.release()
 
 
-def test_source_failure_drops_partial_video(model, tmp_path):
+def _frame_count(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def _folder_with_corrupt_image(tmp_path):
     src = tmp_path / "imgs"
     src.mkdir()
     cv2.imwrite(str(src / "a.png"), np.full((64, 64, 3), 90, np.uint8))
     (src / "b.png").write_bytes(b"corrupt")
-    video = tmp_path / "o.mp4"
-    result = CliRunner().invoke(cli, ["run", model, "--source", str(src), "--save", str(video)])
-    assert result.exit_code == 2 and "b.png: not a readable image" in result.output
-    assert not video.exists() and os.listdir(tmp_path) == ["imgs"]
+    cv2.imwrite(str(src / "c.png"), np.full((64, 64, 3), 250, np.uint8))
+    return src
+
+
+def test_corrupt_image_is_skipped_by_default(model, tmp_path):
+    src = _folder_with_corrupt_image(tmp_path)
+    video, rep = tmp_path / "o.mp4", tmp_path / "o.json"
+    result = CliRunner().invoke(cli, ["run", model, "--source", str(src), "--save", str(video), "--report", str(rep)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("edgead: warning:")]
+    assert len(warnings) == 1 and "b.png: not a readable image" in warnings[0] and warnings[0].endswith("skipped")
+    saved = json.loads(rep.read_text())
+    assert (saved["frames"], saved["skipped"], saved["error"]) == (2, 1, None)
+    assert "frames 2  skipped 1  dropped 0" in result.stdout
+    assert _frame_count(video) == 2
+    lines = [line for line in result.stdout.splitlines() if line.startswith("frame ")]
+    assert ["a.png" in lines[0], "c.png" in lines[1], "ANOMALY" in lines[1]] == [True, True, True]
+
+
+def test_on_error_stop_keeps_video_and_report_then_exit_2(model, tmp_path):
+    src = _folder_with_corrupt_image(tmp_path)
+    video, rep = tmp_path / "o.mp4", tmp_path / "o.json"
+    result = CliRunner().invoke(cli, ["run", model, "--source", str(src), "--save", str(video), "--report", str(rep),
+                                      "--on-error", "stop"])
+    assert result.exit_code == 2
+    err = [line for line in result.stderr.splitlines() if line.startswith("edgead: error:")]
+    assert len(err) == 1 and err[0].startswith("edgead: error: {}: not a readable image".format(src / "b.png"))
+    saved = json.loads(rep.read_text())
+    assert saved["frames"] == 1 and "b.png: not a readable image" in saved["error"]
+    assert _frame_count(video) == 1  # the partial recording is kept, renamed into place
+    assert sorted(os.listdir(tmp_path)) == ["imgs", "o.json", "o.mp4"]
 
 
 def test_lost_camera_keeps_video_and_report_then_exit_2(model, tmp_path, monkeypatch):
@@ -180,7 +216,7 @@ def test_lost_camera_keeps_video_and_report_then_exit_2(model, tmp_path, monkeyp
                 raise SourceError("fake://cam: stopped delivering frames")
             return self._frame(np.full((64, 64, 3), 90, np.uint8))
 
-    monkeypatch.setattr(sources, "make_source", lambda uri, size=None: DyingCamera(uri))
+    monkeypatch.setattr(sources, "make_source", lambda uri, size=None, **kwargs: DyingCamera(uri))
     monkeypatch.setattr(capture.CaptureThread, "__init__", _no_backoff(capture.CaptureThread.__init__))
     video, rep = tmp_path / "cam.mp4", tmp_path / "cam.json"
     result = CliRunner().invoke(cli, ["run", model, "--source", "fake://cam", "--save", str(video), "--report",

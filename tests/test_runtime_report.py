@@ -92,3 +92,94 @@ def test_histogram_nothing_to_plot(tmp_path, caplog):
     path = tmp_path / "h.png"
     assert report.plot_histogram({"infer": []}, str(path)) is None
     assert not path.exists() and "no timings" in caplog.text
+
+
+# --- bounded stage statistics -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dist", ["gamma", "lognormal", "bimodal"])
+def test_stage_stats_sketch_within_relative_accuracy_of_numpy(dist):
+    rng = np.random.default_rng(3)
+    if dist == "gamma":
+        values = rng.gamma(2.0, 0.004, 50000)
+    elif dist == "lognormal":
+        values = rng.lognormal(-5.0, 1.0, 50000)
+    else:
+        values = np.concatenate([rng.normal(0.002, 1e-4, 30000), rng.normal(0.040, 2e-3, 20000)]).clip(1e-6)
+    s = report.StageStats()
+    for v in values:
+        s.add(v)
+    got = report.stage_stats(s)
+    exact = report.stage_stats(values)  # the list path: numpy linear percentiles
+    alpha = report.RELATIVE_ACCURACY
+    ms = np.sort(values) * 1000.0
+    for q in (50, 90, 99):
+        key = "p{}".format(q)
+        # DDSketch: within alpha of the order statistic at rank q*(n-1); numpy interpolates next to it
+        lower = np.percentile(ms, q, method="lower")
+        higher = np.percentile(ms, q, method="higher")
+        assert lower * (1 - alpha) <= got[key] <= higher * (1 + alpha)
+        assert got[key] == pytest.approx(exact[key], rel=alpha + 1e-3)
+    assert got["count"] == exact["count"] == 50000
+    assert got["mean"] == pytest.approx(exact["mean"], rel=1e-9)
+    assert got["min"] == exact["min"] and got["max"] == exact["max"]
+
+
+def test_stage_stats_memory_is_bounded():
+    s = report.StageStats()
+    rng = np.random.default_rng(4)
+    values = rng.gamma(2.0, 0.004, 200000)
+    for v in values:
+        s.add(v)
+    s.add(float("nan"))  # ignored
+    assert s.count == 200000 and len(s) == 200000 and len(s.recent) == report.RECENT_VALUES
+    assert list(s.recent) == list(values[-report.RECENT_VALUES:])
+    assert len(s._sketch._store.bins) <= 2048
+    assert s.sum == pytest.approx(values.sum()) and s.max == values.max()
+    empty = report.stage_stats(report.StageStats())
+    assert empty["count"] == 0 and empty["p50"] is None
+
+
+def test_report_from_stage_stats_table_and_histogram(tmp_path):
+    stats = _stats()
+    timings = {}
+    for name, seconds in stats["timings"].items():
+        timings[name] = report.StageStats()
+        for v in seconds:
+            timings[name].add(v)
+    r = report.build_report(dict(stats, timings=timings, skipped=3, invalid_scores=2))
+    assert r["stages"]["infer"]["count"] == 120 and r["stages"]["preprocess"]["count"] == 0
+    assert (r["skipped"], r["invalid_scores"]) == (3, 2)
+    table = report.format_table(r)
+    assert "frames 120  skipped 3  dropped 7  reconnects 1" in table and "invalid (NaN/inf) scores 2" in table
+    path = tmp_path / "h.png"
+    assert report.plot_histogram(timings, str(path)) in ("matplotlib", "opencv")
+    assert cv2.imread(str(path)) is not None
+
+
+def test_reports_are_strict_json(tmp_path):
+    r = report.build_report(dict(_stats(), wall_s=1.0))
+    r["odd"] = {"nan": float("nan"), "inf": np.float32("inf"), "arr": np.array([1.0, np.nan]), "n": np.int64(3)}
+    path = tmp_path / "r.json"
+    report.write_json(path, r)
+
+    def bad(token):
+        raise ValueError(token)
+
+    loaded = json.loads(path.read_text(), parse_constant=bad)
+    assert loaded["odd"] == {"nan": None, "inf": None, "arr": [1.0, None], "n": 3}
+    assert json.loads(report.dumps({"x": float("-inf")}), parse_constant=bad) == {"x": None}
+    assert report.is_report(loaded) and not report.is_report({"edgead_version": "1"}) and not report.is_report([1])
+
+
+@pytest.mark.parametrize("backend", ["matplotlib", "opencv"])
+def test_histogram_png_is_marked_as_ours(tmp_path, monkeypatch, backend):
+    if backend == "opencv":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    else:
+        pytest.importorskip("matplotlib")
+    path = tmp_path / "h.png"
+    assert report.plot_histogram(_stats()["timings"], str(path)) == backend
+    assert report.is_our_png(str(path)) and cv2.imread(str(path)) is not None
+    foreign = tmp_path / "f.png"
+    cv2.imwrite(str(foreign), np.zeros((8, 8, 3), np.uint8))
+    assert not report.is_our_png(str(foreign)) and not report.is_our_png(str(tmp_path / "absent.png"))

@@ -252,3 +252,135 @@ def test_synthetic_bad_params():
         make_source("synthetic://?width=abc")
     with pytest.raises(SourceError, match="fps=0 must be > 0"):
         make_source("synthetic://?fps=0")
+
+
+# --- image names relative to the root, unreadable files --------------------------------------------
+
+def test_image_names_are_relative_to_the_glob_root(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        _write_png(tmp_path / sub / "x.png", 1)
+    _write_png(tmp_path / "top.png", 2)
+    source = make_source(str(tmp_path / "**" / "*.png"))
+    assert source.root == str(tmp_path)
+    assert [f.name for f in _read_all(source)] == ["a/x.png", "b/x.png", "top.png"]
+    assert [f.name for f in _read_all(make_source(str(tmp_path / "a")))] == ["x.png"]
+    assert [f.name for f in _read_all(make_source(str(tmp_path / "*" / "x.png")))] == ["a/x.png", "b/x.png"]
+    assert [f.name for f in _read_all(make_source(str(tmp_path / "a" / "x.png")))] == ["x.png"]
+
+
+@pytest.mark.parametrize("spec, root", [
+    ("imgs/**/*.png", "imgs"), ("imgs/*.png", "imgs"), ("*.png", "."), ("data/*/test/*.png", "data"),
+    ("/abs/x/**/*.jpg", "/abs/x"), ("/*.png", "/"), ("one/two.png", "one"), ("two.png", "."),
+])
+def test_image_root(spec, root):
+    assert sources.image_root(spec) == root
+
+
+def test_corrupt_image_is_a_frame_error_and_the_source_goes_on(tmp_path):
+    _write_png(tmp_path / "a.png", 1)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _write_png(tmp_path / "c.png", 3)
+    source = make_source(str(tmp_path))
+    source.open()
+    assert source.read().name == "a.png"
+    with pytest.raises(sources.FrameError, match="b.png: not a readable image"):
+        source.read()
+    frame = source.read()
+    assert (frame.name, frame.index) == ("c.png", 1) and source.read() is None
+
+
+# --- opening streams: timeouts, interruptible ---------------------------------------------------------
+
+def test_ffmpeg_sources_get_open_and_read_timeouts():
+    src = make_source("rtsp://cam/s", open_timeout=2.5)
+    assert src.open_timeout == 2.5
+    assert src._timeout_params(cv2) == [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 2500, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 2500]
+    assert make_source("rtsp://cam/s").open_timeout == sources.DEFAULT_OPEN_TIMEOUT
+    assert make_source("rtsp://cam/s?backend=gstreamer", open_timeout=3)._timeout_params(cv2) == []
+    assert make_source("csi://0", open_timeout=4).open_timeout == 4.0
+    assert make_source("/dev/video3", open_timeout=5).open_timeout == 5.0
+    assert make_source("rtsp://cam/s", open_timeout=None)._timeout_params(cv2) == []
+
+
+class _SilentServer(object):
+    """TCP server on 127.0.0.1 that accepts connections and never says a word."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+        self.uri = "rtsp://127.0.0.1:{}/x".format(self.sock.getsockname()[1])
+
+    def _accept(self):
+        try:
+            while True:
+                self.conns.append(self.sock.accept())
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+        for conn, _ in self.conns:
+            conn.close()
+
+
+def test_open_timeout_on_a_server_that_never_answers():
+    server = _SilentServer()
+    try:
+        source = make_source(server.uri, open_timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match=r"127\.0\.0\.1:\d+/x: no answer within 1 s \(--open-timeout\)"):
+            source.open()
+        assert time.monotonic() - t0 < 1.0 + 2.0
+        assert server.conns  # it really connected and waited
+    finally:
+        server.close()
+
+
+def test_open_is_interruptible():
+    """A signal in the main thread is handled at once while a stream opens (OpenCV's call blocks in C)."""
+    import signal
+    import threading
+
+    class Interrupt(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupt()
+
+    server = _SilentServer()
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        source = make_source(server.uri, open_timeout=30)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1))
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(Interrupt):
+            source.open()
+        assert time.monotonic() - t0 < 1.5
+        assert source._cap is None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        server.close()
+
+
+def test_cancel_event_abandons_an_open():
+    import threading
+
+    server = _SilentServer()
+    try:
+        source = make_source(server.uri, open_timeout=30)
+        source.cancel = threading.Event()
+        threading.Timer(0.2, source.cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match="open cancelled"):
+            source.open()
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        server.close()
