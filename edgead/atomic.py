@@ -10,6 +10,7 @@ would. ``tests/test_fault_injection.py`` runs every writer under every point and
 previous output still loads.
 """
 import contextlib
+import errno
 import glob
 import os
 import signal
@@ -50,7 +51,7 @@ def temp_path(final_path):
     fd, tmp = tempfile.mkstemp(prefix="." + stem + ".", suffix=".tmp" + ext, dir=folder)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock(fd, fcntl.LOCK_EX)
         yield tmp
     finally:
         with contextlib.suppress(OSError):
@@ -84,23 +85,47 @@ def remove_stale_temps(final_path):
     return removed
 
 
+def _flock(fd, operation):
+    """flock, or nothing where the file system has no locks (some NFS/CIFS mounts: ENOLCK, EOPNOTSUPP)."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+
+
 @contextlib.contextmanager
-def locked(path):
-    """Exclusive ``flock`` on ``path`` (a file or a folder) for the block; the kernel releases it if we die."""
+def locked(path, shared=False):
+    """``flock`` on ``path`` (a file or a folder) for the block: exclusive for writers, ``shared`` for readers.
+    The kernel releases it if the process dies."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
 
 
-def set_default_mode(path):
-    """chmod ``path`` to 0666 & ~umask (what ``open()`` would have made)."""
-    umask = os.umask(0)
+def _read_umask():
+    umask = os.umask(0o022)  # the only way to read it; set and restored at once, at import (no threads yet)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def set_default_mode(path, like=None):
+    """chmod ``path`` to the mode of the file ``like`` when it exists (a replaced file keeps its permissions),
+    else to 0666 & ~umask (what ``open()`` would have made)."""
+    try:
+        mode = os.stat(like).st_mode & 0o7777 if like is not None else None
+    except OSError:
+        mode = None
+    os.chmod(path, mode if mode is not None else 0o666 & ~_UMASK)
 
 
 def fsync_path(path):
@@ -125,7 +150,7 @@ def atomic_path(final_path):
     remove_stale_temps(final_path)
     with temp_path(final_path) as tmp:
         yield tmp
-        set_default_mode(tmp)
+        set_default_mode(tmp, like=final_path)
         fault_point("atomic.before-rename")
         os.replace(tmp, final_path)
         fsync_path(os.path.dirname(os.path.abspath(final_path)))

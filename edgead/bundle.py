@@ -91,10 +91,7 @@ class PadimBundle:
 
         folder = os.fspath(folder)
         check_bundle_target(folder)
-        try:
-            json.dumps(self.config, allow_nan=False)
-        except ValueError as exc:  # NaN/Inf: model.json would not be JSON; nothing written, the old bundle stays
-            raise BundleError("{}: cannot save, model.json would hold a non-finite number ({})".format(folder, exc))
+        _check_config_before_save(self.config, folder)  # nothing written when the new model.json would be refused
         os.makedirs(folder, exist_ok=True)
         tensors = {"backbone." + k: v.detach().contiguous().cpu() for k, v in self.backbone_state.items()}
         tensors["padim.mean"] = self.mean.contiguous().to(torch.float32)
@@ -122,10 +119,26 @@ class PadimBundle:
         return folder
 
 
+def _check_config_before_save(config, folder):
+    """The model.json ``save`` would write must pass the schema ``read_config`` applies (with placeholder
+    weights fields), or the good bundle it replaces would be lost to one that cannot load."""
+    preview = dict(config, format_version=FORMAT_VERSION, edgead_version=__version__,
+                   weights_file="weights-{}.safetensors".format("0" * 16), weights_sha256="0" * 64)
+    try:
+        text = json.dumps(preview, allow_nan=False)
+    except (ValueError, TypeError) as exc:  # NaN/Inf, or a value JSON cannot hold (a numpy scalar, a tensor)
+        raise BundleError("{}: cannot save, model.json would not be valid JSON ({})".format(folder, exc))
+    schema.validate(json.loads(text), "bundle", os.path.join(folder, CONFIG_NAME) + " (not saved)", BundleError)
+
+
 def check_bundle_target(folder):
     """Refuse an output path that is a file, or a folder holding something other than an edgead bundle
     (so ``fit -o`` never writes into a data folder). Cheap: call it before the long work."""
     folder = os.fspath(folder)
+    if not folder.strip():
+        raise BundleError("empty bundle path; give the folder to write, e.g. -o bottle.edgead")
+    if os.path.lexists(folder) and not os.path.exists(folder):
+        raise BundleError("{}: is a broken symbolic link".format(folder))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise BundleError("{}: exists and is not a folder; a bundle is a folder (pick a new name)".format(folder))
     if not os.path.isdir(folder):
@@ -169,7 +182,7 @@ def read_config(folder):
     """Parse and validate ``folder/model.json``; BundleError names the file and the problem."""
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isdir(folder):
-        raise BundleError("{}: not a bundle folder (expected {} and {} inside)".format(folder, CONFIG_NAME, WEIGHTS_NAME))
+        raise BundleError("{}: not a bundle folder (expected {} and a weights file inside)".format(folder, CONFIG_NAME))
     if not os.path.isfile(path):
         raise BundleError("{}: missing; is {} an edgead bundle?".format(path, folder))
     try:
@@ -217,6 +230,14 @@ def load_bundle(folder):
     from safetensors.torch import load_file
 
     folder = os.fspath(folder)
+    read_config(folder)  # a clear error for a missing or broken folder before locking it
+    with atomic.locked(folder, shared=True):  # a save in progress (exclusive lock) cannot swap files mid-read
+        config, tensors, weights_path = _read_locked(folder, load_file, SafetensorError)
+    return _assemble(folder, config, tensors, weights_path)
+
+
+def _read_locked(folder, load_file, SafetensorError):
+    """model.json, then the weights file it names, checksum-verified: ``(config, tensors, weights_path)``."""
     config = read_config(folder)
     weights_path = weights_file_path(folder, config)
     weights_file = os.path.basename(weights_path)
@@ -234,6 +255,11 @@ def load_bundle(folder):
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError("{}: cannot read safetensors ({})".format(weights_path, exc))
+    return config, tensors, weights_path
+
+
+def _assemble(folder, config, tensors, weights_path):
+    """Check the tensors against model.json and the network edgead builds; the PadimBundle."""
     for key in ("padim.mean", "padim.whitening_packed"):
         if key not in tensors:
             raise BundleError("{}: tensor {} missing".format(weights_path, key))
@@ -251,8 +277,14 @@ def load_bundle(folder):
     backbone_state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     bundle = PadimBundle(config, backbone_state, mean, whitening, path=folder)
     try:
-        bundle.frame_embedding()
+        embedding = bundle.frame_embedding()
     except RuntimeError as exc:
         raise BundleError("{}: backbone weights do not fit {} ({})".format(
             weights_path, config["backbone"]["name"], str(exc).splitlines()[0]))
+    channels, strides = backbones.stage_info(embedding.patch_embedding.extractor)
+    if list(channels) != list(config["backbone"]["channels"]) or list(strides) != list(config["backbone"]["strides"]):
+        raise BundleError("{}: backbone.channels {} / strides {} differ from the {} network edgead builds "
+                          "(channels {}, strides {})".format(
+                              os.path.join(folder, CONFIG_NAME), config["backbone"]["channels"],
+                              config["backbone"]["strides"], config["backbone"]["name"], channels, strides))
     return bundle

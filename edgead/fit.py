@@ -76,7 +76,8 @@ class PadimFitter:
     (``calibrate_out_of_sample``), then ``bundle()``. ``warnings`` collects one-line notes for the user.
     """
 
-    def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0):
+    def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0,
+                 batch_size=1):
         if dim is not None:
             check_dim(dim)  # before loading weights; the upper bound needs the backbone (make_config)
         extractor, description = load_backbone(backbone, weights, seed=seed, input_hw=input_hw)
@@ -86,7 +87,7 @@ class PadimFitter:
                                cfg["backbone"]["strides"])
         self.embedding = FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
         grid_h, grid_w = cfg["embedding"]["grid"]
-        resources.check_padim_fit_memory(grid_h * grid_w, cfg["embedding"]["dim"], input_hw, batch_size=1)
+        resources.check_padim_fit_memory(grid_h * grid_w, cfg["embedding"]["dim"], input_hw, batch_size)
         self.accumulator = padim.GaussianAccumulator(grid_h * grid_w, cfg["embedding"]["dim"])
         self.calibration = self.calibration_provenance = None
         self.warnings = []

@@ -93,9 +93,11 @@ def _reason(exc):
     """Why a checkpoint could not be read, in one line, without torch's advice to load it unsafely."""
     import pickle
 
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+    if "Unsupported global" in str(exc):  # torch's weights-only unpickler met a class or function to import
         return ("it holds Python objects besides tensors, and edgead never unpickles code from a model file; "
                 "export its state dict to .safetensors where you trust the file")
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+        return "corrupt, or not a PyTorch checkpoint of tensors"  # never torch's advice to load it unsafely
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 

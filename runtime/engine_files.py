@@ -38,46 +38,67 @@ def sidecar_path(engine_path):
 
 
 def _read_json(path):
+    """The sidecar as a dict, or None when it is missing or not strict JSON (no NaN)."""
+    def no_constants(name):
+        raise ValueError(name)
+
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, parse_constant=no_constants)
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
 def write_engine_pair(engine_path, engine_bytes, info):
     """Replace ``engine_path`` and its sidecar by ``engine_bytes`` and ``info`` (a JSON-able dict), so that a
-    kill at any step leaves a matching pair (see module doc). Returns the sidecar dict written."""
+    kill at any step leaves a matching pair (see module doc). Returns the sidecar dict written.
+
+    ``previous`` is the entry that describes the engine on disk now (hashed, so a sidecar from before
+    ``engine_sha256``, or one left by an interrupted rebuild, still yields the right entry); an engine
+    that matches nothing gets no ``previous``: it was not loadable before either.
+    """
     engine_path = os.fspath(engine_path)
     side = sidecar_path(engine_path)
     sidecar = dict(info)
     sidecar.pop(PREVIOUS_KEY, None)
     sidecar["engine_sha256"] = hashlib.sha256(engine_bytes).hexdigest()
-    old = _read_json(side) if os.path.exists(engine_path) else None
-    if isinstance(old, dict) and isinstance(old.get("engine_sha256"), str):
-        old.pop(PREVIOUS_KEY, None)
-        atomic.write_text(side, json.dumps(dict(sidecar, **{PREVIOUS_KEY: old}), indent=2, allow_nan=False))
-        atomic.fault_point("engine.sidecar-with-previous")
+    text = json.dumps(sidecar, indent=2, allow_nan=False)  # before any write: ValueError leaves the old pair
+    previous = None
+    old = _read_json(side) if os.path.isfile(engine_path) else None
+    if isinstance(old, dict):
+        current = sha256_file(engine_path)
+        try:
+            previous = dict(select_engine_info(engine_path, old, current))
+        except ModelFileError:
+            previous = None
+        if previous is not None:
+            previous["engine_sha256"] = current
+    atomic.write_text(side, json.dumps(dict(sidecar, **{PREVIOUS_KEY: previous}), indent=2, allow_nan=False))
+    atomic.fault_point("engine.sidecar-with-previous")
     atomic.write_bytes(engine_path, engine_bytes)
     atomic.fault_point("engine.engine-written")
-    atomic.write_text(side, json.dumps(sidecar, indent=2, allow_nan=False))
+    atomic.write_text(side, text)
     return sidecar
 
 
-def select_engine_info(engine_path, sidecar):
-    """The entry of a parsed sidecar that describes the engine file now at ``engine_path``.
+def select_engine_info(engine_path, sidecar, engine_sha256=None):
+    """The entry of a parsed sidecar that describes the engine at ``engine_path``.
 
-    Raises ModelFileError when neither the sidecar nor its ``previous`` entry matches the engine's hash.
+    engine_sha256: hex digest of the engine bytes the caller will deserialize (hash once, read once, so
+    a rebuild between the two cannot pair them with the wrong entry); default: hash the file now.
+    Raises ModelFileError when neither the sidecar nor its ``previous`` entry matches.
     """
-    expected = sidecar.get("engine_sha256") if isinstance(sidecar, dict) else None
-    if expected is None:
+    if not isinstance(sidecar, dict):
+        return sidecar
+    expected = sidecar.get("engine_sha256")
+    previous = sidecar.get(PREVIOUS_KEY)
+    if expected is None and previous is None:
         return sidecar  # built before edgead recorded the hash
-    actual = sha256_file(engine_path)
+    actual = engine_sha256 if engine_sha256 is not None else sha256_file(engine_path)
     if actual == expected:
         found = dict(sidecar)
         found.pop(PREVIOUS_KEY, None)
         return found
-    previous = sidecar.get(PREVIOUS_KEY)
     if isinstance(previous, dict) and previous.get("engine_sha256") == actual:
         return previous
     raise ModelFileError("{}: the engine does not match its sidecar {} (copied without it, or replaced by another "

@@ -40,17 +40,22 @@ def load_model_info(path):
         raise ModelFileError("{}: model file not found".format(path))
     ext = os.path.splitext(path)[1].lower()
     if ext in ENGINE_EXTENSIONS:
-        sidecar = sidecar_path(path)
-        if not os.path.exists(sidecar):
-            raise ModelFileError("{}: TensorRT engine has no metadata sidecar {} (copy it next to the engine, "
-                                 "or rebuild with `edgead build`)".format(path, sidecar))
-        # the sidecar entry whose engine_sha256 matches the engine file (engine_files: a rebuild killed half-way)
-        selected = engine_files.select_engine_info(path, _load_json_file(sidecar))
-        return validate_model_info(selected, sidecar)
+        return load_engine_info(path)
     if ext == ".json":
         return _load_json_file(path)
     raw = read_onnx_metadata_raw(path)
     return parse_metadata(raw, path)
+
+
+def load_engine_info(path, engine_sha256=None):
+    """Validated metadata of a TensorRT engine: the sidecar entry whose ``engine_sha256`` matches the engine
+    (``engine_files``: a rebuild killed half-way). engine_sha256: digest of the bytes the caller loads."""
+    sidecar = sidecar_path(path)
+    if not os.path.exists(sidecar):
+        raise ModelFileError("{}: TensorRT engine has no metadata sidecar {} (copy it next to the engine, "
+                             "or rebuild with `edgead build`)".format(path, sidecar))
+    selected = engine_files.select_engine_info(path, _load_json_file(sidecar), engine_sha256)
+    return validate_model_info(selected, sidecar)
 
 
 def model_info_from_session(session, path):

@@ -219,12 +219,24 @@ def loads(text, where, error_class, invalid="{where}: invalid JSON ({detail})"):
             fail("not UTF-8 text: {}".format(exc))
     if not isinstance(text, str):
         fail("expected text, got {}".format(type(text).__name__))
+    if text.startswith("\ufeff"):  # a byte-order mark from a hand edit: harmless, skip it
+        text = text[1:]
     try:
-        return json.loads(text, parse_float=_parse_float)
+        return json.loads(text, parse_float=_parse_float, object_pairs_hook=_unique_keys)
     except RecursionError:
         fail("nested too deeply")
     except ValueError as exc:  # includes JSONDecodeError and ints beyond Python's digit limit
         fail(exc)
+
+
+def _unique_keys(pairs):
+    """object_pairs_hook: a key given twice is an error (JSON parsers disagree on which one wins)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError("key {} appears twice in one object".format(json.dumps(key)))
+        result[key] = value
+    return result
 
 
 def _walk_problem(value):

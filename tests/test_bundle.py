@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,43 @@ def test_weights_file_is_content_addressed_and_named_in_model_json(saved):
     assert config["weights_file"] == "weights-{}.safetensors".format(digest[:16])
 
 
+def test_bundle_channels_must_be_those_of_the_network(saved):
+    """model.json naming other stage channels than the network has would index out of range at run time."""
+    cfg_path = os.path.join(saved, CONFIG_NAME)
+    config = json.load(open(cfg_path))
+    config["backbone"]["channels"] = [64, 128, 300]
+    json.dump(config, open(cfg_path, "w"))
+    with pytest.raises(BundleError, match="differ from the resnet18 network"):
+        load_bundle(saved)
+
+
+def test_a_save_waits_for_a_bundle_being_read(tiny_bundle, saved, monkeypatch):
+    """A reader holds a shared lock from model.json to the end of the weights: a concurrent save (another
+    process) waits, so it cannot remove the weights file the reader's model.json names half-way."""
+    import subprocess
+    import sys
+    import time
+
+    from edgead import bundle as bundle_module
+
+    code = ("import sys\nfrom edgead.bundle import load_bundle\nb = load_bundle({0!r})\nb.mean = b.mean + 1.0\n"
+            "print('saving', flush=True)\nb.save({0!r})\n").format(saved)
+    real_sha256, writers = bundle_module._sha256, []
+
+    def hash_while_a_save_starts(path):
+        if not writers:  # model.json is read; now another process saves over this bundle
+            writers.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE))
+            assert writers[0].stdout.readline() == b"saving\n"
+            time.sleep(1.5)  # a tiny save takes < 0.5 s: without the lock it would be done, old weights gone
+        return real_sha256(path)
+
+    monkeypatch.setattr(bundle_module, "_sha256", hash_while_a_save_starts)
+    assert torch.equal(load_bundle(saved).mean, tiny_bundle.mean)
+    assert writers[0].wait(timeout=120) == 0
+    monkeypatch.undo()
+    assert torch.equal(load_bundle(saved).mean, tiny_bundle.mean + 1.0)
+
+
 def test_edgead_01_bundle_loads_and_resave_switches_to_the_new_layout(tiny_bundle, saved):
     """An edgead 0.1 bundle (weights.safetensors, no weights_file key) loads; saving over it leaves one
     weights file, the new one, and no leftovers."""
@@ -185,7 +223,13 @@ def test_non_finite_config_is_not_saved_and_the_old_bundle_stays(tiny_bundle, sa
     broken = copy.copy(tiny_bundle)
     broken.mean = tiny_bundle.mean + 1.0
     broken.config = dict(tiny_bundle.config, calibration={"image_threshold": float("nan")})
-    with pytest.raises(BundleError, match="non-finite"):
+    with pytest.raises(BundleError, match="not be valid JSON"):
+        broken.save(saved)
+    broken.config = dict(tiny_bundle.config, postprocess={"blur_sigma": -1.0, "blur_radius": 0})
+    with pytest.raises(BundleError, match="blur_sigma"):  # what read_config would refuse is never written
+        broken.save(saved)
+    broken.config = dict(tiny_bundle.config, embedding=dict(tiny_bundle.config["embedding"], seed=np.int64(3)))
+    with pytest.raises(BundleError, match="not be valid JSON"):
         broken.save(saved)
     assert open(os.path.join(saved, CONFIG_NAME)).read() == before and sorted(os.listdir(saved)) == listing
     load_bundle(saved)

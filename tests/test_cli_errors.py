@@ -6,7 +6,6 @@ Run/bench inputs: tests/test_run_reliability.py; model.json / metadata contents:
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -53,23 +52,35 @@ def bundle_dir(category, tmp_path_factory):
 
 # ---- fit: every output problem is found before the fit starts -------------------------------------
 
-def test_fit_into_an_existing_file_fails_first_and_leaves_it(category, tmp_path):
+@pytest.fixture()
+def no_fit(monkeypatch):
+    """Any fit that starts fails the test: output problems must be found before it."""
+    from edgead import fit
+
+    def started(*args, **kwargs):
+        raise AssertionError("the fit started before the output path was checked")
+
+    monkeypatch.setattr(fit.PadimFitter, "__init__", started)
+
+
+def test_fit_into_an_existing_file_fails_first_and_leaves_it(category, tmp_path, no_fit):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"13.5 MB of someone's model")
-    started = time.perf_counter()
     _fails_in_one_line(["fit", category, "-o", str(target)] + FIT, "not a folder")
-    assert time.perf_counter() - started < 3.0  # no backbone was built, no image read
     assert target.read_bytes() == b"13.5 MB of someone's model"
+    _fails_in_one_line(["fit", category, "-o", ""] + FIT, "empty")
+    os.symlink(str(tmp_path / "gone"), str(tmp_path / "dangling"))
+    _fails_in_one_line(["fit", category, "-o", str(tmp_path / "dangling")] + FIT, "broken symbolic link")
 
 
-def test_fit_into_the_data_folder_is_refused(category):
+def test_fit_into_the_data_folder_is_refused(category, no_fit):
     train = os.path.join(category, "train", "good")
     before = sorted(os.listdir(train))
     line = _fails_in_one_line(["fit", category, "-o", train] + FIT, "not an edgead bundle")
     assert train in line and sorted(os.listdir(train)) == before
 
 
-def test_fit_below_a_file(category, tmp_path):
+def test_fit_below_a_file(category, tmp_path, no_fit):
     (tmp_path / "notes.txt").write_text("mine")
     _fails_in_one_line(["fit", category, "-o", str(tmp_path / "notes.txt" / "b.edgead")] + FIT, "is a file")
 
@@ -81,8 +92,8 @@ def test_fit_below_a_file(category, tmp_path):
     ("--folds", "1", "--folds"), ("--quantile", "1.5", "quantile"), ("--quantile", "nan", "quantile"),
 ])
 def test_fit_option_out_of_range(category, tmp_path, option, value, match):
-    args = ["fit", category, "-o", str(tmp_path / "b")] + [a for a in FIT if a not in ()]
-    args += [option, value]
+    options = {"--backbone": "resnet18", "--weights": "random", "--size": "64", "--dim": "16", option: value}
+    args = ["fit", category, "-o", str(tmp_path / "b")] + [x for kv in options.items() for x in kv]
     _fails_in_one_line(args, match)
     assert not os.path.exists(str(tmp_path / "b"))
 
@@ -127,6 +138,43 @@ def test_eval_out_that_is_a_file(bundle_dir, category, tmp_path):
     target.write_text("{}")
     _fails_in_one_line(["eval", bundle_dir, category, "--out", str(target)], "not a folder")
     assert target.read_text() == "{}"
+
+
+def test_eval_out_never_overwrites_files_it_did_not_write(bundle_dir, category, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.json").write_text("MY FILE")
+    _fails_in_one_line(["eval", bundle_dir, category, "--out", str(out)], "--force")
+    assert (out / "metrics.json").read_text() == "MY FILE"
+    result = _runner().invoke(cli, ["eval", bundle_dir, category, "--out", str(out), "--force", "--no-overlays"])
+    assert result.exit_code == 0, result.output
+    again = _runner().invoke(cli, ["eval", bundle_dir, category, "--out", str(out), "--no-overlays"])
+    assert again.exit_code == 0, again.output  # its own metrics.json: rewritten without --force
+
+
+def test_eval_calibrate_checks_the_bundle_before_evaluating(bundle_dir, category, tmp_path, monkeypatch):
+    from edgead import evaluate
+
+    def started(*args, **kwargs):
+        raise AssertionError("evaluation started")
+
+    monkeypatch.setattr(evaluate, "evaluate_category", started)
+    _fails_in_one_line(["eval", bundle_dir, category, "--out", os.path.join(bundle_dir, "eval"), "--calibrate"],
+                       "inside the bundle")
+    assert sorted(os.listdir(bundle_dir))[0] == "model.json" and len(os.listdir(bundle_dir)) == 2
+
+
+def test_top_level_option_errors_are_one_line():
+    _fails_in_one_line(["--bogus"], "No such option")
+    _fails_in_one_line(["fitt"], "No such command")
+
+
+def test_corrupt_checkpoint_is_not_called_a_pickle_with_code(category, tmp_path):
+    junk = tmp_path / "random.pth"
+    junk.write_bytes(bytes(range(100)))
+    line = _fails_in_one_line(["fit", category, "-o", str(tmp_path / "b"), "--backbone", "resnet18",
+                               "--weights", str(junk), "--size", "64"], "random.pth")
+    assert "never unpickles" not in line
 
 
 def test_demo_out_that_is_a_file(tmp_path):

@@ -223,3 +223,30 @@ def test_runtime_reads_the_sidecar_entry_that_matches_the_engine(tmp_path):
     json.dump(sidecar, open(sidecar_path(path), "w"))
     open(path, "wb").write(b"OLD" * 50)
     assert load_model_info(path)["calibration"]["image_threshold"] == 1.0
+
+
+def test_rebuild_over_a_sidecar_without_hash_killed_after_the_engine(tmp_path):
+    """A sidecar from before engine_sha256: the rebuild still writes the two-generation sidecar first."""
+    from edgead.runtime.engine_files import select_engine_info, sidecar_path
+
+    path = str(tmp_path / "model.engine")
+    open(path, "wb").write(b"OLD ENGINE" * 100)
+    json.dump({"format_version": 1, "generation": "old"}, open(sidecar_path(path), "w"))
+    _run_killed_at("engine.sidecar-with-previous", WRITE_ENGINE.format(path=path))
+    assert select_engine_info(path, json.load(open(sidecar_path(path))))["generation"] == "old"
+    _run_killed_at("engine.engine-written", WRITE_ENGINE.format(path=path))
+    assert select_engine_info(path, json.load(open(sidecar_path(path))))["generation"] == "new"
+
+
+def test_two_interrupted_rebuilds_in_a_row_keep_the_engine_on_disk_loadable(tmp_path):
+    from edgead.runtime.engine_files import select_engine_info, sidecar_path, write_engine_pair
+
+    path = str(tmp_path / "model.engine")
+    write_engine_pair(path, b"A" * 64, {"format_version": 1, "generation": "A"})
+    for generation in ("B", "C"):
+        code = ("from edgead.runtime.engine_files import write_engine_pair\n"
+                "write_engine_pair({!r}, {!r} * 64, {{'format_version': 1, 'generation': {!r}}})").format(
+                    path, generation.encode(), generation)
+        _run_killed_at("engine.sidecar-with-previous", code)
+        info = select_engine_info(path, json.load(open(sidecar_path(path))))
+        assert info["generation"] == "A" and open(path, "rb").read() == b"A" * 64

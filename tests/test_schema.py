@@ -381,3 +381,12 @@ def test_mask_of_another_size_than_its_image_is_a_data_error(tmp_path):
     assert "000.png is 64x64" in message and "\n" not in message
     cv2.imwrite(str(mask_path), np.zeros((64, 64), np.uint8))
     assert MvtecCategory(str(root)).test_samples()[1].mask_path == str(mask_path)
+
+
+def test_duplicate_keys_are_refused_and_a_bom_is_skipped():
+    from edgead.errors import BundleError
+    from edgead.runtime import schema
+
+    with pytest.raises(BundleError, match='key "weights_sha256" appears twice'):
+        schema.loads('{"weights_sha256": "a", "weights_sha256": "b"}', "m/model.json", BundleError)
+    assert schema.loads(b'\xef\xbb\xbf{"a": 1}', "m/model.json", BundleError) == {"a": 1}

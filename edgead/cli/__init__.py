@@ -21,6 +21,16 @@ class EdgeadGroup(click.Group):
     Ctrl-C -> exit 130. A closed stdout pipe (``edgead run ... | head``) ends quietly.
     """
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """Top-level option errors (``edgead --bogus``) as one line too."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if parent is not None:
+                raise
+            click.echo("edgead: error: {} (see `edgead --help`)".format(exc.format_message()), err=True)
+            raise click.exceptions.Exit(2)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -30,17 +30,37 @@ def _parse_size(value):
     return tuple(parts)
 
 
-def check_output_folder(folder, option):
-    """A folder we will write into: it may exist (as a folder) or its parent must. ConfigError otherwise."""
+def check_output_folder(folder, option, force=False, ours=()):
+    """A folder ``eval``/``demo`` write into: new (missing parents are made, like ``mkdir -p``), empty, or one
+    an earlier run wrote (its ``metrics.json`` is an edgead one, or it holds only the names in ``ours``);
+    anything else needs --force. ConfigError."""
     if folder is None:
         return
-    if os.path.exists(folder) and not os.path.isdir(folder):
+    if not folder.strip():
+        raise ConfigError("{}: empty path".format(option))
+    if os.path.lexists(folder) and not os.path.isdir(folder):
         raise ConfigError("{} {}: exists and is not a folder".format(option, folder))
-    parent = os.path.dirname(os.path.abspath(folder))
-    if not os.path.isdir(folder) and not os.path.isdir(parent):
-        raise ConfigError("{} {}: parent folder {} does not exist".format(option, folder, parent))
-    if not os.access(folder if os.path.isdir(folder) else parent, os.W_OK | os.X_OK):
+    ancestor = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError("{} {}: cannot create it, {} is a file".format(option, folder, ancestor))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError("{} {}: not writable".format(option, folder))
+    if (os.path.isdir(folder) and not set(os.listdir(folder)) <= set(ours) and not force
+            and not _has_our_metrics(folder)):
+        raise ConfigError("{} {}: holds files edgead did not write; use an empty or new folder (or --force)".format(
+            option, folder))
+
+
+def _has_our_metrics(folder):
+    """True when ``folder/metrics.json`` is one ``eval``/``demo`` wrote (a JSON object with their keys)."""
+    try:
+        with open(os.path.join(folder, "metrics.json"), "r", encoding="utf-8") as fh:
+            metrics = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and ("image_auroc" in metrics or "results" in metrics)
 
 
 def _training_paths(data):
@@ -78,7 +98,7 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
     paths, _ = _training_paths(data)
     name = os.path.basename(os.path.normpath(data))
     started = time.perf_counter()
-    fitter = PadimFitter(backbone, weights, size, dim, seed)
+    fitter = PadimFitter(backbone, weights, size, dim, seed, batch_size)
     for frames, _ in ImageBatches(paths, size, batch_size=batch_size, desc="fit {}".format(name)):
         fitter.update(frames)
     fit_seconds = time.perf_counter() - started
@@ -161,8 +181,9 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quanti
 @click.option("--calibrate", is_flag=True, help="Store the F1-max thresholds of this labelled set in the bundle "
               "(replaces the out-of-sample ones; use a split you do not report on).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--force", is_flag=True, help="Write into --out even when it holds files edgead did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
+def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, force, as_json):
     """Image AUROC, pixel AUROC, PRO (AUPRO to FPR 0.3), F1-max, and the false-positive rate and recall
     at the bundle's stored threshold, on an MVTec-layout test set.
 
@@ -170,12 +191,17 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
     Example:
       edgead eval bottle.edgead mvtec/bottle --out eval_bottle
     """
-    from edgead.bundle import load_bundle
+    from edgead.bundle import check_bundle_target, load_bundle
     from edgead.data import MvtecCategory, find_categories
     from edgead.evaluate import evaluate_category, format_table, write_json
+    from edgead.output_paths import is_within
 
-    check_output_folder(out, "--out")
+    check_output_folder(out, "--out", force)
+    if out is not None and is_within(out, bundle_dir):
+        raise ConfigError("--out {}: is inside the bundle {}; write the evaluation elsewhere".format(out, bundle_dir))
     bundle = load_bundle(bundle_dir)
+    if calibrate:
+        check_bundle_target(bundle_dir)  # writable, still a bundle: found now, not after the evaluation
     categories = find_categories(data)
     if len(categories) != 1:
         raise DataError("{}: eval takes one MVTec category (found {})".format(data, len(categories)))
@@ -206,7 +232,8 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, as_json):
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--export/--no-export", default=True, show_default=True, help="Also export the first category to ONNX and check it against torch.")
 @click.option("--quick", is_flag=True, help="A few images per category (smoke test, seconds).")
-def demo(out, backbone, weights, size, categories, seed, export, quick):
+@click.option("--force", is_flag=True, help="Write into --out even when it holds files edgead did not write.")
+def demo(out, backbone, weights, size, categories, seed, export, quick, force):
     """The embedded default: build a small MVTec-layout dataset from scikit-image photos with synthetic
     defects, fit PaDiM (EfficientNet-Lite0, offline ImageNet weights), evaluate, write overlays.
 
@@ -220,7 +247,7 @@ def demo(out, backbone, weights, size, categories, seed, export, quick):
     from edgead.evaluate import evaluate_category, format_table, write_json
 
     input_hw = _parse_size(size)
-    check_output_folder(out, "--out")
+    check_output_folder(out, "--out", force, ours=("data", "models", "eval", "metrics.json"))  # a demo cut short
     names = tuple(c.strip() for c in categories.split(",")) if categories else demo_data.DEFAULT_CATEGORIES
     data_root = os.path.join(out, "data")
     click.echo("building demo dataset in {} ...".format(data_root))

@@ -12,6 +12,7 @@ TensorRT is) via ctypes, so no cuda-python/pycuda wheel is needed on JetPack. Te
 """
 import ctypes
 import ctypes.util
+import hashlib
 import os
 
 import numpy as np
@@ -207,7 +208,9 @@ class TensorRTEngine(Engine):
             raise ModelFileError("{}: engine file not found".format(self.path))
         if os.path.getsize(self.path) == 0:
             raise ModelFileError("{}: engine file is empty (0 bytes)".format(self.path))
-        self.model_info = modelinfo.load_model_info(self.path)
+        with open(self.path, "rb") as fh:
+            blob = fh.read()  # read once: the metadata entry is chosen by the hash of these very bytes
+        self.model_info = modelinfo.load_engine_info(self.path, hashlib.sha256(blob).hexdigest())
         self._buffers_ready = False
         trt = import_tensorrt(self.path)
         self._trt = trt
@@ -222,8 +225,6 @@ class TensorRTEngine(Engine):
         self._logger = trt.Logger(trt.Logger.WARNING)
         if hasattr(trt, "init_libnvinfer_plugins"):
             trt.init_libnvinfer_plugins(self._logger, "")
-        with open(self.path, "rb") as fh:
-            blob = fh.read()
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
