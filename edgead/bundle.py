@@ -11,7 +11,6 @@ is the switch. A process killed at any point leaves either the old bundle or the
 never a mix; the next save removes what such a crash left behind.
 """
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from edgead import __version__, atomic, backbones, packing
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess
 from edgead.errors import BundleError
 from edgead.model import PadimHead, PadimModel
-from edgead.runtime import schema
+from edgead.runtime import engine_files, schema
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "model.json"
@@ -170,12 +169,8 @@ def _remove_leftovers(folder, keep):
                 os.remove(os.path.join(folder, name))
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+#: hex SHA-256 of a file (one implementation for bundles and engines); a module global so tests can wrap it
+_sha256 = engine_files.sha256_file
 
 
 def read_config(folder):
