@@ -1,5 +1,4 @@
 """Evaluation on MVTec-layout test sets: scores, maps, metrics, calibration and overlay pictures."""
-import json
 import os
 
 import numpy as np
@@ -147,5 +146,7 @@ def _nanmean(values):
 
 
 def write_json(path, payload):
-    """Atomically write ``payload`` as pretty JSON."""
-    atomic.write_text(path, json.dumps(payload, indent=2, default=float) + "\n")
+    """Atomically write ``payload`` as pretty strict JSON: an undefined metric (NaN) is written as null."""
+    from edgead.runtime.report import dumps
+
+    atomic.write_text(path, dumps(payload, indent=2) + "\n")

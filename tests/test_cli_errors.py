@@ -164,6 +164,30 @@ def test_eval_calibrate_checks_the_bundle_before_evaluating(bundle_dir, category
     assert sorted(os.listdir(bundle_dir))[0] == "model.json" and len(os.listdir(bundle_dir)) == 2
 
 
+def test_undefined_metrics_are_strict_json_null(bundle_dir, category, tmp_path, monkeypatch):
+    """eval --json and metrics.json: an undefined metric (NaN) is null, never a bare NaN."""
+    import json
+
+    from edgead import evaluate
+
+    real = evaluate.evaluate_category
+
+    def with_nan(*args, **kwargs):
+        return dict(real(*args, **kwargs), pro=float("nan"))
+
+    monkeypatch.setattr(evaluate, "evaluate_category", with_nan)
+    out = tmp_path / "eval"
+    result = _runner().invoke(cli, ["eval", bundle_dir, category, "--out", str(out), "--no-overlays", "--json"])
+    assert result.exit_code == 0, result.output
+
+    def strict(name):
+        raise ValueError(name)
+
+    printed = json.loads(result.stdout, parse_constant=strict)
+    written = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
+    assert printed["pro"] is None and written["pro"] is None and printed["image_auroc"] == written["image_auroc"]
+
+
 def test_top_level_option_errors_are_one_line():
     _fails_in_one_line(["--bogus"], "No such option")
     _fails_in_one_line(["fitt"], "No such command")

@@ -166,7 +166,9 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quanti
     bundle, summary = fit_bundle(data, out, backbone, weights, _parse_size(size), dim, seed, batch_size,
                                  folds, quantile, val)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        from edgead.runtime.report import dumps as strict_json  # NaN -> null: --json output is always JSON
+
+        click.echo(strict_json(summary, indent=2))
     else:
         click.echo("fitted {} on {} images in {:.1f} s (D = {}) -> {}".format(
             summary["backbone"]["name"], summary["n_train"], summary["total_seconds"], summary["dim"], out))
@@ -195,6 +197,7 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, force, as_j
     from edgead.data import MvtecCategory, find_categories
     from edgead.evaluate import evaluate_category, format_table, write_json
     from edgead.output_paths import is_within
+    from edgead.runtime.report import dumps as strict_json  # NaN -> null: --json output is always JSON
 
     check_output_folder(out, "--out", force)
     if out is not None and is_within(out, bundle_dir):
@@ -220,7 +223,7 @@ def evaluate(bundle_dir, data, out, overlays, calibrate, batch_size, force, as_j
                    "set are optimistic, report them on another split".format(bundle_dir), err=True)
     if out:
         write_json(os.path.join(out, "metrics.json"), result)
-    click.echo(json.dumps(result, indent=2) if as_json else format_table([result]))
+    click.echo(strict_json(result, indent=2) if as_json else format_table([result]))
 
 
 @click.command("demo")
