@@ -304,8 +304,7 @@ class CvCaptureSource(Source):
                 if self.cancel is not None and self.cancel.is_set():
                     raise SourceError("{}: open cancelled".format(self.uri))
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise SourceError("{}: no answer within {:g} s (--open-timeout)".format(self.uri,
-                                                                                          self.open_timeout))
+                    raise self._no_answer()
         except BaseException:
             with lock:
                 box["abandoned"] = True
@@ -320,8 +319,11 @@ class CvCaptureSource(Source):
         if cap is not None and not cap.isOpened() and self.open_timeout is not None \
                 and time.monotonic() - t0 >= 0.9 * self.open_timeout:
             cap.release()  # OpenCV's own open timeout fired
-            raise SourceError("{}: no answer within {:g} s (--open-timeout)".format(self.uri, self.open_timeout))
+            raise self._no_answer()
         return cap
+
+    def _no_answer(self):
+        return SourceError("{}: no answer within {:g} s (--open-timeout)".format(self.uri, self.open_timeout))
 
     def open(self):
         import cv2
