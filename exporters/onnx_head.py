@@ -15,6 +15,8 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from edgead import blur, packing
+from edgead.errors import ExportError
+from edgead.runtime.cuda_kernel import MAX_DIM
 
 PLUGIN_DOMAIN = "edgead"
 PLUGIN_OP = "PadimMahalanobis"
@@ -93,15 +95,33 @@ def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, pr
     return builder.node("Transpose", [distance], "distance", perm=[1, 0])  # [N, P]
 
 
+#: ``whitening_dtype`` attribute of the plugin node: the ONNX TensorProto type the statistics are stored in.
+WHITENING_DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+
+
+def check_plugin_dim(dim):
+    """ExportError when ``dim`` exceeds what the native kernels take (``MAX_DIM``, shared memory of the GPU kernel)."""
+    if not 1 <= int(dim) <= MAX_DIM:
+        raise ExportError("embedding dimension D={} is outside 1..{} that the PadimMahalanobis plugin and kernels "
+                          "support; export with --mahalanobis onnx or fit with a smaller --dim".format(dim, MAX_DIM))
+
+
 def mahalanobis_plugin(builder, embedding_flat, mean, whitening_packed, precision):
-    """One ``edgead::PadimMahalanobis`` node. Same inputs/outputs as ``mahalanobis_standard_ops``."""
+    """One ``edgead::PadimMahalanobis`` node. Same inputs/outputs as ``mahalanobis_standard_ops``.
+
+    Attributes: ``dim`` (D), ``num_patches`` (P) and ``whitening_dtype`` (ONNX type of the stored
+    ``whitening_packed``: 1 = float32, 10 = float16): the TensorRT plugin takes the statistics only in that type,
+    so a builder flag can neither round them to fp16 nor widen them to fp32.
+    """
     num_patches, dim = mean.shape
+    check_plugin_dim(dim)
     store_dtype = np.float16 if precision == "fp16" else np.float32
     mean_name = builder.const("mean", mean.astype(np.float32))
     packed = builder.const("whitening_packed", whitening_packed.astype(store_dtype))
     return builder.node(
         PLUGIN_OP, [embedding_flat, mean_name, packed], "distance", domain=PLUGIN_DOMAIN,
         plugin_version=PLUGIN_VERSION, plugin_namespace="", dim=int(dim), num_patches=int(num_patches),
+        whitening_dtype=int(WHITENING_DTYPES[precision]),
     )
 
 

@@ -16,7 +16,9 @@ def has_plugin(model):
 
 def substitute_plugin(model):
     """Return a copy of ``model`` whose plugin node is replaced by standard ops computing the same distance."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)  # not FromString(SerializeToString()): that fails for models over 2 GiB
+    model = copied
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     new_nodes = []

@@ -19,6 +19,10 @@ from edgead.runtime import native_lib
 LIBRARY_NAME = "libedgead_kernels.so"
 ENV_VAR = "EDGEAD_KERNEL_LIB"
 ABI_VERSION = 1
+#: Largest embedding dimension D of every native kernel, the TensorRT plugin and the ONNX Runtime op: the GPU
+#: kernel stages (D + 8) float32 in 48 KiB of shared memory. Mirrors ``EDGEAD_MAX_DIM`` in
+#: ``cpp_bindings/include/edgead/padim_mahalanobis.h`` (a test keeps them equal); the exporter checks it.
+MAX_DIM = 12280
 _cache = {}
 
 

@@ -5,6 +5,7 @@ D <= 550 terms), fp16 storage compared against the float64 distance of the *fp16
 bound), and fp16 vs fp32 storage within 3e-3 relative (storage rounding only). GPU tests are marked ``gpu``.
 """
 import os
+import re
 import shutil
 import subprocess
 
@@ -109,6 +110,38 @@ def test_cpu_only_library_refuses_gpu_launch(cpu_lib):
         cuda_kernel.padim_mahalanobis_raw(0, 0, 0, False, 0, 1, 1, 1, lib=cpu_lib)
 
 
+def test_max_dim_is_one_constant(cpu_lib):
+    """EDGEAD_MAX_DIM (header) == cuda_kernel.MAX_DIM (exporter) == the shared-memory bound of the GPU kernel:
+    (D + 8 warps) float32 in 48 KiB. The CPU reference takes exactly up to it and refuses one more."""
+    header = open(os.path.join(NATIVE, "include", "edgead", "padim_mahalanobis.h")).read()
+    defined = [int(v) for v in re.findall(r"#define EDGEAD_MAX_DIM (\d+)", header)]
+    assert defined == [cuda_kernel.MAX_DIM] == [12280]
+    assert (cuda_kernel.MAX_DIM + 8) * 4 <= 48 * 1024 < (cuda_kernel.MAX_DIM + 1 + 8) * 4
+    for text in (open(os.path.join(NATIVE, "README.md")).read(), open(os.path.join(ROOT, "docs", "tensorrt.md")).read()):
+        for number in re.findall(r"(?:\bup to|\b1\.\.)\s*`?(\d{1,2},?\d{3})\b", text):
+            assert int(number.replace(",", "")) == cuda_kernel.MAX_DIM, "docs quote another maximum D: " + number
+    dim = cuda_kernel.MAX_DIM
+    x = np.zeros((1, dim, 1), np.float32)
+    x[0, -1, 0] = 2.0
+    w = np.zeros((1, dim * (dim + 1) // 2), np.float16)
+    w[0, -1] = 1.5  # W[D-1, D-1]: the very last packed entry
+    got = cuda_kernel.padim_mahalanobis_cpu(x, np.zeros((1, dim), np.float32), w, lib=cpu_lib)
+    assert got[0, 0] == 3.0
+    with pytest.raises(BackendError, match="invalid argument"):
+        cuda_kernel.padim_mahalanobis_cpu(np.zeros((1, dim + 1, 1), np.float32), np.zeros((1, dim + 1), np.float32),
+                                          np.zeros((1, 1), np.float32), lib=cpu_lib)
+
+
+def test_launcher_reports_its_own_launch_status_only():
+    """The launcher returns cudaLaunchKernel's status; `<<<>>>` + cudaGetLastError() would also report (and clear)
+    an earlier non-sticky error left by TensorRT's own work on the context. (Run-time check: the gpu test below.)"""
+    source = open(KERNEL_SRC).read()
+    code = re.sub(r"//[^\n]*", "", source)
+    assert "cudaGetLastError" not in code and "cudaPeekAtLastError" not in code
+    assert "<<<" not in code
+    assert code.count("cudaLaunchKernel(") == 1
+
+
 # --- loader errors --------------------------------------------------------------------------------------
 
 def test_loader_without_library_gives_backend_error(tmp_path, monkeypatch):
@@ -193,6 +226,7 @@ def _gpu_reference_f64(x, mean, w_packed, chunk=256):
     import torch
 
     n, dim, num_patches = x.shape
+    chunk = max(1, min(chunk, int(2e9 // (dim * dim * 8))))  # dense float64 blocks of at most ~2 GB
     index = torch.as_tensor(packing.dense_gather_index(dim), device=x.device)  # [D, D], T above the diagonal
     out = torch.empty((n, num_patches), dtype=torch.float64, device=x.device)
     for start in range(0, num_patches, chunk):
@@ -206,7 +240,8 @@ def _gpu_reference_f64(x, mean, w_packed, chunk=256):
 
 GPU_CASES = [(1, 550, 4096, True), (1, 550, 4096, False), (8, 550, 1024, True), (4, 550, 512, False),
              (3, 100, 4096, True), (5, 24, 777, False), (12, 64, 100, True), (2, 1, 33, False),
-             (7, 33, 257, True), (1, 1100, 64, False), (8, 200, 4096, False)]
+             (7, 33, 257, True), (1, 1100, 64, False), (8, 200, 4096, False),
+             (1, cuda_kernel.MAX_DIM, 3, True), (3, cuda_kernel.MAX_DIM, 2, False)]
 
 
 @pytest.mark.gpu
@@ -234,3 +269,62 @@ def test_gpu_kernel_matches_float64_reference(gpu_lib, n, dim, num_patches, half
 def test_gpu_kernel_rejects_bad_arguments(gpu_lib):
     with pytest.raises(BackendError, match="invalid argument"):
         cuda_kernel.padim_mahalanobis_raw(0, 0, 0, False, 0, 1, 4, 4, lib=gpu_lib)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_refuses_dim_above_max(gpu_lib):
+    import torch
+
+    dim = cuda_kernel.MAX_DIM + 1
+    x = torch.zeros((1, dim, 1), device="cuda")
+    with pytest.raises(BackendError, match="invalid argument"):
+        cuda_kernel.padim_mahalanobis_raw(x, x, x, False, x, 1, dim, 1, lib=gpu_lib)
+
+
+@pytest.fixture(scope="module")
+def shared_cudart_lib(tmp_path_factory):
+    """The kernel library linked against the shared libcudart (``-cudart shared``) plus that very libcudart, so a
+    test can leave an error in the runtime state the launcher sees (nvcc's default static cudart is private)."""
+    import ctypes
+
+    if not _cuda_available():
+        pytest.skip("no CUDA GPU")
+    if NVCC is None:
+        pytest.skip("no nvcc")
+    out = str(tmp_path_factory.mktemp("shared_cudart") / "libedgead_kernels.so")
+    proc = subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=native", "-cudart", "shared",
+                           "-I" + os.path.join(NATIVE, "include"), "-I" + os.path.join(NATIVE, "src"),
+                           "-Xcompiler", "-fPIC", "-shared", KERNEL_SRC, REF_SRC, "-o", out],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout.decode()[-3000:]
+    lib = cuda_kernel.load_library(out)
+    needed = subprocess.run(["ldd", out], stdout=subprocess.PIPE).stdout.decode()
+    match = re.search(r"(libcudart\.so[.0-9]*) => (\S+)", needed)
+    assert match, needed
+    cudart = ctypes.CDLL(match.group(2))  # already loaded by the kernel library: the same handle and state
+    cudart.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+    return lib, cudart
+
+
+@pytest.mark.gpu
+def test_gpu_launch_neither_reports_nor_clears_an_earlier_error(shared_cudart_lib):
+    """An earlier non-sticky error (a failed cudaMalloc, as TensorRT's allocator may leave) is not the kernel's:
+    the launch succeeds and the error is still there for its owner to read."""
+    import ctypes
+
+    import torch
+
+    lib, cudart = shared_cudart_lib
+    cudart.cudaGetLastError()  # start clean
+    pointer = ctypes.c_void_p()
+    assert cudart.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(1 << 62)) == 2  # cudaErrorMemoryAllocation
+    x = torch.ones((2, 8, 4), device="cuda")
+    mean = torch.zeros((4, 8), device="cuda")
+    w = torch.zeros((4, 36), device="cuda")
+    w[:, 0] = 1.0  # W[0, 0] = 1: distance = |x[0] - mean[0]| = 1
+    out = torch.full((2, 4), float("nan"), device="cuda")
+    cuda_kernel.padim_mahalanobis(x, mean, w, out, stream=torch.cuda.current_stream().cuda_stream, lib=lib)
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.ones((2, 4), device="cuda"))
+    assert cudart.cudaGetLastError() == 2  # still pending: the launcher neither reported nor consumed it
+    assert cudart.cudaGetLastError() == 0

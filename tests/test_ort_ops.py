@@ -68,13 +68,20 @@ def test_plugin_flavour_runs_on_ort_cpu(tiny_bundle, frames, ops_library, tmp_pa
     assert np.abs(scores - torch_scores).max() <= 1e-4 * np.abs(torch_scores).max()
 
 
-def _node_graph(mean_shape, dim=4, patches=6, w_dtype=np.float16):
+def _node_graph(mean_shape, dim=4, patches=6, w_dtype=np.float16, whitening_dtype="match"):
+    """One PadimMahalanobis node; ``whitening_dtype``: "match" (the stored type's code), None (no attribute,
+    as exports before it existed) or an int code."""
     tri = dim * (dim + 1) // 2
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(mean_shape).astype(np.float32), "mean"),
              numpy_helper.from_array(rng.standard_normal((patches, tri)).astype(w_dtype), "w")]
+    attrs = {}
+    if whitening_dtype == "match":
+        attrs["whitening_dtype"] = TensorProto.FLOAT16 if w_dtype == np.float16 else TensorProto.FLOAT
+    elif whitening_dtype is not None:
+        attrs["whitening_dtype"] = whitening_dtype
     node = helper.make_node("PadimMahalanobis", ["x", "mean", "w"], ["d"], domain="edgead", dim=dim,
-                            num_patches=patches, plugin_version="1", plugin_namespace="")
+                            num_patches=patches, plugin_version="1", plugin_namespace="", **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D", "P"])],
                               [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("edgead", 1)])
@@ -108,6 +115,18 @@ def test_shape_mismatch_is_a_clear_error(ops_library):
     session = _op_session(_node_graph((6, 4)), ops_library)
     with pytest.raises(Exception, match=r"embedding must be \[N, 4, 6\], got \[1, 4, 5\]"):
         session.run(None, {"x": np.zeros((1, 4, 5), np.float32)})
+
+
+def test_whitening_dtype_attribute_must_match_the_stored_statistics(ops_library):
+    x = np.random.default_rng(2).standard_normal((1, 4, 6)).astype(np.float32)
+    expected = _op_session(_node_graph((6, 4), w_dtype=np.float32), ops_library).run(None, {"x": x})[0]
+    legacy = _op_session(_node_graph((6, 4), w_dtype=np.float32, whitening_dtype=None), ops_library)
+    np.testing.assert_array_equal(legacy.run(None, {"x": x})[0], expected)  # no attribute: the tensor decides
+    lying = _op_session(_node_graph((6, 4), w_dtype=np.float32, whitening_dtype=TensorProto.FLOAT16), ops_library)
+    with pytest.raises(Exception, match="whitening_packed is float32 but the node's whitening_dtype says float16"):
+        lying.run(None, {"x": x})
+    with pytest.raises(Exception, match=r"whitening_dtype=3 must be 1 \(float32\) or 10 \(float16\)"):
+        _op_session(_node_graph((6, 4), whitening_dtype=3), ops_library).run(None, {"x": x})
 
 
 def test_plugin_model_without_library_names_the_fix(tiny_bundle, tmp_path, monkeypatch):

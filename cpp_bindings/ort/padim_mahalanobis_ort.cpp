@@ -35,6 +35,7 @@ constexpr int kChunkPatches = 64;  // patches per parallel task (a multiple of t
 struct Kernel {
     int64_t dim = 0;
     int64_t num_patches = 0;
+    int64_t whitening_dtype = 0;  // ONNX type code of whitening_packed from the node (0 = not recorded)
 };
 
 struct Shape {
@@ -115,6 +116,19 @@ OrtStatusPtr ORT_API_CALL op_create(const OrtCustomOp*, const OrtApi*, const Ort
         delete kernel;
         return status;
     }
+    // whitening_dtype (ONNX type code of whitening_packed as stored) is optional here: exports before it existed
+    // still run, the tensor's own type decides; when present it must match the tensor (checked in compute).
+    kernel->whitening_dtype = 0;
+    if (OrtStatus* missing = g_api->KernelInfoGetAttribute_int64(info, "whitening_dtype", &kernel->whitening_dtype)) {
+        g_api->ReleaseStatus(missing);
+        kernel->whitening_dtype = 0;
+    } else if (kernel->whitening_dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+               kernel->whitening_dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+        const std::string text = "attribute whitening_dtype=" + std::to_string(kernel->whitening_dtype) +
+                                 " must be 1 (float32) or 10 (float16)";
+        delete kernel;
+        return invalid(text);
+    }
     if (kernel->dim < 1 || kernel->dim > EDGEAD_MAX_DIM || kernel->num_patches < 1) {
         const std::string text = "attributes dim=" + std::to_string(kernel->dim) + ", num_patches=" +
                                  std::to_string(kernel->num_patches) + " out of range";
@@ -147,6 +161,9 @@ OrtStatusPtr ORT_API_CALL op_compute(void* kernel_ptr, OrtKernelContext* context
     const ONNXTensorElementDataType w_type = shapes[2].type;
     if (w_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && w_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         return invalid("whitening_packed must be float16 or float32");
+    if (kernel.whitening_dtype != 0 && w_type != kernel.whitening_dtype)
+        return invalid("whitening_packed is " + std::string(w_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? "float16" : "float32") +
+                       " but the node's whitening_dtype says " + (kernel.whitening_dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? "float16" : "float32"));
     if (xs[0] > INT_MAX / 2) return invalid("batch too large");
 
     const int64_t out_dims[2] = {xs[0], patches};

@@ -18,9 +18,12 @@ constexpr int32_t kNbOutputs = 1;
 
 void logError(char const* what) noexcept { std::fprintf(stderr, "[edgead] PadimMahalanobis: %s\n", what); }
 
-//! Reads plugin_version / dim / num_patches; returns an empty string or the problem.
+//! Reads plugin_version / dim / num_patches / whitening_dtype; returns an empty string or the problem.
+//! The ONNX parser passes an INT attribute as one kINT32 and a STRING attribute as kCHAR with a trailing NUL
+//! counted in the length; a serialized IPluginV3 passes back what getFieldsToSerialize gave.
 std::string parseFields(PluginFieldCollection const* fc, PadimParams& params) {
-    if (fc == nullptr) return "no plugin fields given (need dim and num_patches)";
+    if (fc == nullptr) return "no plugin fields given (need dim, num_patches and whitening_dtype)";
+    bool haveDtype = false;
     for (int32_t i = 0; i < fc->nbFields; ++i) {
         PluginField const& field = fc->fields[i];
         if (field.name == nullptr) continue;
@@ -30,15 +33,30 @@ std::string parseFields(PluginFieldCollection const* fc, PadimParams& params) {
                 version = version.c_str();  // drop a trailing NUL if the length counted it
                 if (version != kPluginVersion) return "plugin_version '" + version + "' is not supported (this is 1)";
             }
-        } else if (std::strcmp(field.name, "dim") == 0 || std::strcmp(field.name, "num_patches") == 0) {
-            if (field.type != PluginFieldType::kINT32 || field.data == nullptr || field.length < 1)
+        } else if (std::strcmp(field.name, "dim") == 0 || std::strcmp(field.name, "num_patches") == 0 ||
+                   std::strcmp(field.name, "whitening_dtype") == 0) {
+            if (field.type != PluginFieldType::kINT32 || field.data == nullptr || field.length != 1)
                 return std::string("field ") + field.name + " must be one int32";
-            int32_t const value = *static_cast<int32_t const*>(field.data);
-            (std::strcmp(field.name, "dim") == 0 ? params.dim : params.numPatches) = value;
+            int32_t value = 0;
+            std::memcpy(&value, field.data, sizeof(value));
+            if (std::strcmp(field.name, "dim") == 0) {
+                params.dim = value;
+            } else if (std::strcmp(field.name, "num_patches") == 0) {
+                params.numPatches = value;
+            } else {
+                params.whiteningDtype = value;
+                haveDtype = true;
+            }
         }
     }
     if (params.dim < 1 || params.dim > EDGEAD_MAX_DIM) return "attribute dim must be in 1.." + std::to_string(EDGEAD_MAX_DIM);
     if (params.numPatches < 1) return "attribute num_patches must be >= 1";
+    if (!haveDtype)
+        return "attribute whitening_dtype is missing (re-export the model with edgead >= 0.3: the node must record "
+               "the stored dtype of whitening_packed)";
+    if (params.whiteningDtype != kOnnxFloat && params.whiteningDtype != kOnnxFloat16)
+        return "attribute whitening_dtype must be 1 (float32) or 10 (float16), got " +
+               std::to_string(params.whiteningDtype);
     return std::string();
 }
 
@@ -49,35 +67,64 @@ bool parseFieldsOrLog(PluginFieldCollection const* fc, PadimParams& params) {
     return problem.empty();
 }
 
-//! Shape check of (embedding [N, D, P], mean [P, D], whitening [P, T]); -1 (dynamic) entries pass.
-std::string shapeProblem(Dims const& x, Dims const& mean, Dims const& w, PadimParams const& p) {
-    auto match = [](int64_t actual, int64_t expected) { return actual < 0 || actual == expected; };
+DataType whiteningType(PadimParams const& p) { return p.whiteningDtype == kOnnxFloat16 ? DataType::kHALF : DataType::kFLOAT; }
+
+//! Shape check of (embedding [N, D, P], mean [P, D], whitening [P, T]); -1 (dynamic) entries pass when
+//! `allowDynamic` (build time), never at run time.
+std::string shapeProblem(Dims const& x, Dims const& mean, Dims const& w, PadimParams const& p, bool allowDynamic) {
+    auto match = [allowDynamic](int64_t actual, int64_t expected) {
+        return actual == expected || (allowDynamic && actual < 0);
+    };
     int64_t const tri = static_cast<int64_t>(p.dim) * (p.dim + 1) / 2;
-    if (x.nbDims != 3 || !match(x.d[1], p.dim) || !match(x.d[2], p.numPatches))
-        return "input 0 (embedding) must be [N, dim, num_patches]";
+    if (x.nbDims != 3 || !match(x.d[1], p.dim) || !match(x.d[2], p.numPatches) || (!allowDynamic && x.d[0] < 0))
+        return "input 0 (embedding) must be [N, " + std::to_string(p.dim) + ", " + std::to_string(p.numPatches) + "]";
     if (mean.nbDims != 2 || !match(mean.d[0], p.numPatches) || !match(mean.d[1], p.dim))
-        return "input 1 (mean) must be [num_patches, dim]";
+        return "input 1 (mean) must be [" + std::to_string(p.numPatches) + ", " + std::to_string(p.dim) + "]";
     if (w.nbDims != 2 || !match(w.d[0], p.numPatches) || !match(w.d[1], tri))
-        return "input 2 (whitening_packed) must be [num_patches, dim*(dim+1)/2]";
+        return "input 2 (whitening_packed) must be [" + std::to_string(p.numPatches) + ", " + std::to_string(tri) + "]";
     return std::string();
 }
 
-//! fp32 linear everywhere, except the packed whitening (pos 2): fp16 or fp32 linear.
-bool formatSupported(int32_t pos, DataType type, TensorFormat format) {
+//! fp32 linear everywhere, except the packed whitening (pos 2): linear, in the dtype the file stored.
+bool formatSupported(int32_t pos, DataType type, TensorFormat format, PadimParams const& params) {
     if (format != TensorFormat::kLINEAR) return false;
-    if (pos == 2) return type == DataType::kFLOAT || type == DataType::kHALF;
+    if (pos == 2) return type == whiteningType(params);
     return pos >= 0 && pos < kNbInputs + kNbOutputs && type == DataType::kFLOAT;
 }
 
-int32_t runKernel(PluginTensorDesc const* inputDesc, void const* const* inputs, void* const* outputs,
-                  cudaStream_t stream) noexcept {
+//! Checks the run-time descriptors against the node (shapes and types), then launches the kernel.
+int32_t runKernel(PadimParams const& params, PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
+                  void const* const* inputs, void* const* outputs, cudaStream_t stream) noexcept {
+    if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr) {
+        logError("enqueue called without tensors");
+        return -1;
+    }
+    std::string const problem = shapeProblem(inputDesc[0].dims, inputDesc[1].dims, inputDesc[2].dims, params, false);
+    if (!problem.empty()) {
+        logError(problem.c_str());
+        return -1;
+    }
+    if (inputDesc[0].type != DataType::kFLOAT || inputDesc[1].type != DataType::kFLOAT ||
+        inputDesc[2].type != whiteningType(params) || outputDesc[0].type != DataType::kFLOAT) {
+        logError("tensor types differ from the node (embedding, mean and distance float32; whitening_packed as "
+                 "whitening_dtype)");
+        return -1;
+    }
     Dims const& x = inputDesc[0].dims;
+    if (outputDesc[0].dims.nbDims != 2 || outputDesc[0].dims.d[0] != x.d[0] || outputDesc[0].dims.d[1] != x.d[2]) {
+        logError("output 0 (distance) must be [N, num_patches]");
+        return -1;
+    }
+    if (x.d[0] > 0x7fffffff) {
+        logError("batch too large");
+        return -1;
+    }
     int32_t const n = static_cast<int32_t>(x.d[0]);
     if (n == 0) return 0;
     int const status = edgead_padim_mahalanobis(
         static_cast<float const*>(inputs[0]), static_cast<float const*>(inputs[1]), inputs[2],
-        inputDesc[2].type == DataType::kHALF ? 1 : 0, static_cast<float*>(outputs[0]), n,
-        static_cast<int32_t>(x.d[1]), static_cast<int32_t>(x.d[2]), stream);
+        params.whiteningDtype == kOnnxFloat16 ? 1 : 0, static_cast<float*>(outputs[0]), n, params.dim,
+        params.numPatches, stream);
     if (status != EDGEAD_OK) {
         logError(edgead_status_string(status));
         return -1;
@@ -90,6 +137,7 @@ void fillFieldNames(std::vector<PluginField>& fields, PluginFieldCollection& col
     fields.emplace_back("plugin_version", nullptr, PluginFieldType::kCHAR, 1);
     fields.emplace_back("dim", nullptr, PluginFieldType::kINT32, 1);
     fields.emplace_back("num_patches", nullptr, PluginFieldType::kINT32, 1);
+    fields.emplace_back("whitening_dtype", nullptr, PluginFieldType::kINT32, 1);
     collection.nbFields = static_cast<int32_t>(fields.size());
     collection.fields = fields.data();
 }
@@ -125,7 +173,7 @@ int32_t PadimMahalanobisPlugin::configurePlugin(DynamicPluginTensorDesc const* i
         logError("expects 3 inputs and 1 output");
         return -1;
     }
-    std::string const problem = shapeProblem(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mParams);
+    std::string const problem = shapeProblem(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mParams, true);
     if (!problem.empty()) {
         logError(problem.c_str());
         return -1;
@@ -156,7 +204,8 @@ int32_t PadimMahalanobisPlugin::getOutputShapes(DimsExprs const* inputs, int32_t
 bool PadimMahalanobisPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut,
                                                        int32_t nbInputs, int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return false;
-    return formatSupported(pos, inOut[pos].desc.type, inOut[pos].desc.format);
+    if (pos < 0 || pos >= nbInputs + nbOutputs) return false;
+    return formatSupported(pos, inOut[pos].desc.type, inOut[pos].desc.format, mParams);
 }
 
 int32_t PadimMahalanobisPlugin::getNbOutputs() const noexcept { return kNbOutputs; }
@@ -169,7 +218,8 @@ size_t PadimMahalanobisPlugin::getWorkspaceSize(DynamicPluginTensorDesc const*, 
 int32_t PadimMahalanobisPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs,
                                               PluginTensorDesc const*, int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return -1;
-    std::string const problem = shapeProblem(in[0].dims, in[1].dims, in[2].dims, mParams);
+    // concrete shapes are expected here; enqueue() checks them strictly again
+    std::string const problem = shapeProblem(in[0].dims, in[1].dims, in[2].dims, mParams, true);
     if (!problem.empty()) {
         logError(problem.c_str());
         return -1;
@@ -177,10 +227,10 @@ int32_t PadimMahalanobisPlugin::onShapeChange(PluginTensorDesc const* in, int32_
     return 0;
 }
 
-int32_t PadimMahalanobisPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
+int32_t PadimMahalanobisPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
                                         void const* const* inputs, void* const* outputs, void*,
                                         cudaStream_t stream) noexcept {
-    return runKernel(inputDesc, inputs, outputs, stream);
+    return runKernel(mParams, inputDesc, outputDesc, inputs, outputs, stream);
 }
 
 IPluginV3* PadimMahalanobisPlugin::attachToContext(IPluginResourceContext*) noexcept { return clone(); }
@@ -189,6 +239,7 @@ PluginFieldCollection const* PadimMahalanobisPlugin::getFieldsToSerialize() noex
     mSerialFields.clear();
     mSerialFields.emplace_back("dim", &mParams.dim, PluginFieldType::kINT32, 1);
     mSerialFields.emplace_back("num_patches", &mParams.numPatches, PluginFieldType::kINT32, 1);
+    mSerialFields.emplace_back("whitening_dtype", &mParams.whiteningDtype, PluginFieldType::kINT32, 1);
     mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
     mSerialCollection.fields = mSerialFields.data();
     return &mSerialCollection;
@@ -216,18 +267,12 @@ IPluginV3* PadimMahalanobisPluginCreator::createPlugin(char const*, PluginFieldC
 
 PadimMahalanobisPlugin::PadimMahalanobisPlugin(PadimParams params) : mParams(params) {}
 
-PadimMahalanobisPlugin::PadimMahalanobisPlugin(void const* data, size_t length) {
-    if (data != nullptr && length == 2 * sizeof(int32_t)) {
-        std::memcpy(&mParams.dim, data, sizeof(int32_t));
-        std::memcpy(&mParams.numPatches, static_cast<char const*>(data) + sizeof(int32_t), sizeof(int32_t));
-    } else {
-        logError("serialized plugin data has the wrong size");
-    }
-}
-
 IPluginV2DynamicExt* PadimMahalanobisPlugin::clone() const noexcept {
     auto* plugin = new (std::nothrow) PadimMahalanobisPlugin(mParams);
-    if (plugin != nullptr) plugin->setPluginNamespace(mNamespace.c_str());
+    if (plugin != nullptr) {
+        plugin->setPluginNamespace(mNamespace.c_str());
+        plugin->mShapeProblem = mShapeProblem;
+    }
     return plugin;
 }
 
@@ -248,17 +293,21 @@ DimsExprs PadimMahalanobisPlugin::getOutputDimensions(int32_t outputIndex, DimsE
 bool PadimMahalanobisPlugin::supportsFormatCombination(int32_t pos, PluginTensorDesc const* inOut, int32_t nbInputs,
                                                        int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return false;
-    return formatSupported(pos, inOut[pos].type, inOut[pos].format);
+    if (pos < 0 || pos >= nbInputs + nbOutputs) return false;
+    return formatSupported(pos, inOut[pos].type, inOut[pos].format, mParams);
 }
 
 void PadimMahalanobisPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                              DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
+    // IPluginV2DynamicExt::configurePlugin cannot fail: remember the problem; initialize() then fails the engine
+    // build / deserialization and enqueue() refuses to launch (the 10.x path fails in configurePlugin itself).
+    mShapeProblem.clear();
     if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) {
-        logError("expects 3 inputs and 1 output");
-        return;
+        mShapeProblem = "expects 3 inputs and 1 output";
+    } else {
+        mShapeProblem = shapeProblem(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mParams, true);
     }
-    std::string const problem = shapeProblem(in[0].desc.dims, in[1].desc.dims, in[2].desc.dims, mParams);
-    if (!problem.empty()) logError(problem.c_str());
+    if (!mShapeProblem.empty()) logError(mShapeProblem.c_str());
 }
 
 size_t PadimMahalanobisPlugin::getWorkspaceSize(PluginTensorDesc const*, int32_t, PluginTensorDesc const*,
@@ -266,10 +315,14 @@ size_t PadimMahalanobisPlugin::getWorkspaceSize(PluginTensorDesc const*, int32_t
     return 0;
 }
 
-int32_t PadimMahalanobisPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*,
+int32_t PadimMahalanobisPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
                                         void const* const* inputs, void* const* outputs, void*,
                                         cudaStream_t stream) noexcept {
-    return runKernel(inputDesc, inputs, outputs, stream);
+    if (!mShapeProblem.empty()) {
+        logError(mShapeProblem.c_str());
+        return -1;
+    }
+    return runKernel(mParams, inputDesc, outputDesc, inputs, outputs, stream);
 }
 
 DataType PadimMahalanobisPlugin::getOutputDataType(int32_t, DataType const*, int32_t) const noexcept {
@@ -279,13 +332,18 @@ DataType PadimMahalanobisPlugin::getOutputDataType(int32_t, DataType const*, int
 char const* PadimMahalanobisPlugin::getPluginType() const noexcept { return kPluginName; }
 char const* PadimMahalanobisPlugin::getPluginVersion() const noexcept { return kPluginVersion; }
 int32_t PadimMahalanobisPlugin::getNbOutputs() const noexcept { return kNbOutputs; }
-int32_t PadimMahalanobisPlugin::initialize() noexcept { return 0; }
+int32_t PadimMahalanobisPlugin::initialize() noexcept {
+    if (mShapeProblem.empty()) return 0;
+    logError(mShapeProblem.c_str());
+    return -1;
+}
 void PadimMahalanobisPlugin::terminate() noexcept {}
-size_t PadimMahalanobisPlugin::getSerializationSize() const noexcept { return 2 * sizeof(int32_t); }
+// Serialized form: int32 dim, num_patches, whitening_dtype (12 bytes, host byte order).
+size_t PadimMahalanobisPlugin::getSerializationSize() const noexcept { return 3 * sizeof(int32_t); }
 
 void PadimMahalanobisPlugin::serialize(void* buffer) const noexcept {
-    std::memcpy(buffer, &mParams.dim, sizeof(int32_t));
-    std::memcpy(static_cast<char*>(buffer) + sizeof(int32_t), &mParams.numPatches, sizeof(int32_t));
+    int32_t const values[3] = {mParams.dim, mParams.numPatches, mParams.whiteningDtype};
+    std::memcpy(buffer, values, sizeof(values));
 }
 
 void PadimMahalanobisPlugin::destroy() noexcept { delete this; }
@@ -313,7 +371,22 @@ IPluginV2* PadimMahalanobisPluginCreator::createPlugin(char const*, PluginFieldC
 IPluginV2* PadimMahalanobisPluginCreator::deserializePlugin(char const*, void const* serialData,
                                                             size_t serialLength) noexcept {
     try {
-        auto* plugin = new PadimMahalanobisPlugin(serialData, serialLength);
+        if (serialData == nullptr || serialLength != 3 * sizeof(int32_t)) {
+            logError("serialized plugin data has the wrong size (engine built by another edgead version? rebuild it)");
+            return nullptr;
+        }
+        int32_t values[3];
+        std::memcpy(values, serialData, sizeof(values));
+        // the same checks as the fields of a node (one int32 each)
+        PluginField fields[3] = {PluginField("dim", &values[0], PluginFieldType::kINT32, 1),
+                                 PluginField("num_patches", &values[1], PluginFieldType::kINT32, 1),
+                                 PluginField("whitening_dtype", &values[2], PluginFieldType::kINT32, 1)};
+        PluginFieldCollection collection{};
+        collection.nbFields = 3;
+        collection.fields = fields;
+        PadimParams params;
+        if (!parseFieldsOrLog(&collection, params)) return nullptr;
+        auto* plugin = new PadimMahalanobisPlugin(params);
         plugin->setPluginNamespace(mNamespace.c_str());
         return plugin;
     } catch (std::exception const& e) {

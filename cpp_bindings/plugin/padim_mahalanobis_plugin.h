@@ -4,7 +4,10 @@
 //   0 embedding        [N, D, P] float32
 //   1 mean             [P, D]    float32 (initializer -> constant)
 //   2 whitening_packed [P, T]    float16 or float32 (initializer -> constant), T = D(D+1)/2
-// output 0 distance    [N, P]    float32.  Fields: plugin_version ("1"), dim (D), num_patches (P).
+// output 0 distance    [N, P]    float32.
+// Fields: plugin_version ("1"), dim (D), num_patches (P), whitening_dtype (ONNX TensorProto code of input 2 as
+// stored in the file: 1 = float32, 10 = float16). Input 2 is accepted only in that type, so the builder can
+// neither round fp32 statistics to fp16 under --fp16 nor widen fp16 statistics to fp32 (twice the memory).
 //
 // One source, two interfaces, chosen by NV_TENSORRT_MAJOR:
 //   >= 10: IPluginV3 (IPluginV3OneCore/Build/Runtime) + IPluginCreatorV3One   (JetPack 6.1+, x86 TRT 10/11)
@@ -30,10 +33,15 @@ namespace edgead {
 constexpr char const* kPluginName = "PadimMahalanobis";
 constexpr char const* kPluginVersion = "1";
 
-//! Attributes of one node: D and P (the only state the plugin has).
+//! ONNX TensorProto data type codes carried by the whitening_dtype field.
+constexpr int32_t kOnnxFloat = 1;
+constexpr int32_t kOnnxFloat16 = 10;
+
+//! Attributes of one node: D, P and the stored dtype of the statistics (the only state the plugin has).
 struct PadimParams {
     int32_t dim{0};
     int32_t numPatches{0};
+    int32_t whiteningDtype{0};  //!< kOnnxFloat or kOnnxFloat16
 };
 
 #if EDGEAD_TRT_V3
@@ -107,7 +115,6 @@ private:
 class PadimMahalanobisPlugin : public nvinfer1::IPluginV2DynamicExt {
 public:
     explicit PadimMahalanobisPlugin(PadimParams params);
-    PadimMahalanobisPlugin(void const* data, size_t length);  // deserialization
     ~PadimMahalanobisPlugin() override = default;
 
     // IPluginV2DynamicExt
@@ -143,6 +150,7 @@ public:
 private:
     PadimParams mParams;
     std::string mNamespace;
+    std::string mShapeProblem;  //!< set by configurePlugin; initialize() and enqueue() refuse to run with it
 };
 
 class PadimMahalanobisPluginCreator : public nvinfer1::IPluginCreator {

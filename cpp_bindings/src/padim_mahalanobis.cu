@@ -113,14 +113,19 @@ __global__ void __launch_bounds__(kThreads) padim_mahalanobis_kernel(
     }
 }
 
-size_t shared_bytes(int nb, int dim) { return ((size_t)nb * dim + (size_t)kWarps * nb) * sizeof(float); }
+constexpr size_t shared_bytes(int nb, int dim) { return ((size_t)nb * dim + (size_t)kWarps * nb) * sizeof(float); }
+static_assert(shared_bytes(1, EDGEAD_MAX_DIM) <= kSharedBudget, "EDGEAD_MAX_DIM must fit the shared-memory budget");
+static_assert(shared_bytes(1, EDGEAD_MAX_DIM + 1) > kSharedBudget, "EDGEAD_MAX_DIM must be the largest D that fits");
 
 template <typename WT, int NB>
 cudaError_t launch_tile(const float* x, const float* mean, const WT* w, float* out, int N, int D, int P,
                         cudaStream_t stream) {
     constexpr int U = sizeof(WT) == 2 ? 8 : 4;  // 512 B of the triangle in flight per warp
-    padim_mahalanobis_kernel<WT, NB, U><<<P, kThreads, shared_bytes(NB, D), stream>>>(x, mean, w, out, N, D, P);
-    return cudaGetLastError();
+    // cudaLaunchKernel returns the status of this launch only. `<<<>>>` + cudaGetLastError() would also report
+    // (and clear) an earlier non-sticky error left by someone else's work on the context, e.g. TensorRT's.
+    void* args[] = {&x, &mean, &w, &out, &N, &D, &P};
+    return cudaLaunchKernel(reinterpret_cast<const void*>(&padim_mahalanobis_kernel<WT, NB, U>), dim3(P),
+                            dim3(kThreads), args, shared_bytes(NB, D), stream);
 }
 
 template <typename WT>

@@ -33,14 +33,17 @@ extern "C" {
 enum EdgeadStatus {
     EDGEAD_OK = 0,
     EDGEAD_ERR_INVALID_ARGUMENT = 1, /* N, D or P < 1, null pointer, D too large */
-    EDGEAD_ERR_CUDA = 2              /* kernel launch failed (see cudaGetLastError) */
+    EDGEAD_ERR_CUDA = 2              /* the kernel launch itself failed (bad configuration, no device) */
 };
 
 /* ABI version of this header; bump on any signature change. */
 #define EDGEAD_KERNELS_ABI_VERSION 1
 
-/* Largest supported embedding dimension D (shared-memory bound of the kernel). */
-#define EDGEAD_MAX_DIM 12288
+/* Largest supported embedding dimension D, for every kernel, the TensorRT plugin, the ONNX Runtime op and the
+ * exporter (edgead.runtime.cuda_kernel.MAX_DIM mirrors it; a test keeps the two equal). The GPU kernel stages
+ * one centred vector plus 8 per-warp partial sums in the default 48 KiB of shared memory:
+ * (D + 8) * 4 bytes <= 49152  <=>  D <= 12280. */
+#define EDGEAD_MAX_DIM 12280
 
 #ifndef EDGEAD_CPU_ONLY
 /* GPU launcher: see the header comment for shapes. Asynchronous; 0 = launched. */
