@@ -2,8 +2,6 @@
 
 Imports only click at module level; tensorrt and the exporter load inside the command.
 """
-import json
-
 import click
 
 
@@ -11,8 +9,11 @@ import click
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "engine_path", required=True, type=click.Path(dir_okay=False),
               help="Engine file to write (the sidecar MODEL.engine.json goes next to it).")
-@click.option("--fp16", is_flag=True, help="Allow fp16 kernels.")
-@click.option("--int8", is_flag=True, help="Allow int8 kernels (entropy calibration on --calib images).")
+@click.option("--fp16", is_flag=True,
+              help="Allow fp16 kernels (TensorRT 8.5-10.x; TensorRT 11 is strongly typed: refused). "
+                   "Without --fp16/--int8 the engine is strict fp32 (TF32 off).")
+@click.option("--int8", is_flag=True,
+              help="Allow int8 kernels, entropy calibration on --calib images (TensorRT 8.5-10.x).")
 @click.option("--calib", "calib_dir", type=click.Path(file_okay=False), help="Folder of calibration images for --int8.")
 @click.option("--workspace", "workspace_mb", type=int, default=1024, show_default=True,
               help="Builder workspace pool, MiB.")
@@ -36,12 +37,28 @@ def build(onnx_path, engine_path, fp16, int8, calib_dir, workspace_mb, plugin_li
     summary = build_engine(onnx_path, engine_path, fp16=fp16, int8=int8, calib_dir=calib_dir,
                            workspace_mb=workspace_mb, plugin_lib=plugin_lib, max_batch=max_batch, verbose=verbose)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        from edgead.runtime.report import dumps as strict_json  # the one JSON dumper of every --json
+
+        click.echo(strict_json(summary, indent=2))
         return
     built = summary["tensorrt"]
-    click.echo("{} -> {} ({:.1f} MB, TensorRT {}, {}{}{}, {:.0f} s)".format(
+    click.echo("{} -> {} ({:.1f} MB, TensorRT {}, {}, {}, {:.0f} s)".format(
         summary["onnx"], summary["engine"], summary["engine_bytes"] / 1e6, built["version"], built["gpu"],
-        ", fp16" if built["fp16"] else "", ", int8" if built["int8"] else "", built["build_seconds"]))
+        describe_precision(built), built["build_seconds"]))
+    calibration = built.get("int8_calibration")
+    if calibration:
+        click.echo("int8 calibration: {} of {} images in {} batches of {}{}; cache {}{}".format(
+            calibration["used"], calibration["images"], calibration["batches"], calibration["batch"],
+            " ({} dropped: not a full batch)".format(calibration["dropped"]) if calibration["dropped"] else "",
+            calibration["cache"], " (reused)" if calibration["from_cache"] else ""))
+
+
+def describe_precision(built):
+    """``fp32`` / ``fp32+tf32`` / ``fp16`` / ``int8+fp16`` ... or ``strongly typed (ONNX types)``."""
+    if built.get("strongly_typed"):
+        return "strongly typed (ONNX types)"
+    parts = [name for name in ("int8", "fp16") if built.get(name)]
+    return "+".join(parts) if parts else ("fp32+tf32" if built.get("tf32") else "fp32")
 
 
 COMMANDS = (build,)

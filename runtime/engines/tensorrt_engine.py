@@ -6,8 +6,9 @@
 (fixed-batch engines run in chunks, the last one padded; dynamic-batch engines up to their profile max).
 
 CUDA memory, streams and events go through the CUDA runtime library (``libcudart``, always present where
-TensorRT is) via ctypes, so no cuda-python/pycuda wheel is needed on JetPack. TensorRT 10+ runs with
-``execute_async_v3`` (named tensor addresses), 8.5/8.6 with ``execute_async_v2`` (binding list).
+TensorRT is) via ctypes, so no cuda-python/pycuda wheel is needed on JetPack. TensorRT 10 and 11 run with
+``execute_async_v3`` (named tensor addresses, ``set_input_shape``, ``get_tensor_profile_shape``), 8.5/8.6 with
+``execute_async_v2`` (binding list, ``set_binding_shape``, ``get_profile_shape``; the binding API is gone in 10).
 ``tensorrt`` is imported lazily; torch never.
 """
 import ctypes
@@ -73,6 +74,7 @@ class CudaRuntime(object):
         lib.cudaEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
         lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
         lib.cudaStreamDestroy.argtypes = [ctypes.c_void_p]
+        lib.cudaGetDeviceCount.argtypes = [ctypes.POINTER(ctypes.c_int)]
         lib.cudaEventDestroy.argtypes = [ctypes.c_void_p]
         self.device = int(device)
         self.check(lib.cudaSetDevice(self.device), "cudaSetDevice({})".format(self.device))
@@ -87,6 +89,17 @@ class CudaRuntime(object):
         ptr = ctypes.c_void_p()
         self.check(self.lib.cudaMalloc(ctypes.byref(ptr), max(int(nbytes), 1)), "cudaMalloc")
         return ptr.value
+
+    def free(self, ptr):
+        """cudaFree of a pointer from ``malloc`` (None / 0: nothing to do)."""
+        if ptr:
+            self.check(self.lib.cudaFree(ptr), "cudaFree")
+
+    def device_count(self):
+        """Number of CUDA devices the runtime sees (0 when the driver reports none)."""
+        count = ctypes.c_int(0)
+        status = self.lib.cudaGetDeviceCount(ctypes.byref(count))
+        return int(count.value) if status == 0 else 0
 
     def host_array(self, shape, dtype):
         """Pinned host memory as a numpy array; returns (pointer, array)."""
@@ -133,6 +146,19 @@ class CudaRuntime(object):
         self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(major), _ATTR_CC_MAJOR, self.device), "attribute")
         self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(minor), _ATTR_CC_MINOR, self.device), "attribute")
         return "{}.{}".format(major.value, minor.value)
+
+
+def cuda_device_status(device=0):
+    """``(True, "GPU name")`` when libcudart loads and CUDA device ``device`` can be selected, else
+    ``(False, reason)``. The runtime's own ctypes path: what TensorRT engines here will use (no torch)."""
+    try:
+        cuda = CudaRuntime(device)
+        count = cuda.device_count()
+    except BackendError as exc:
+        return False, str(exc)
+    if count <= int(device):
+        return False, "CUDA sees {} device(s), no device {}".format(count, device)
+    return True, cuda.device_name() or "CUDA device {}".format(device)
 
 
 def cuda_device_name(device=0):
@@ -314,9 +340,12 @@ class TensorRTEngine(Engine):
         shape = (batch,) + tuple(self.input.max_shape[1:])
         if self.dynamic:
             if self._major >= 10:
-                self.context.set_input_shape(self.input.name, shape)
+                ok = self.context.set_input_shape(self.input.name, shape)
             else:
-                self.context.set_binding_shape(self.input.index, shape)
+                ok = self.context.set_binding_shape(self.input.index, shape)
+            if ok is False:
+                raise BackendError("{}: TensorRT refused input shape {} (profile max batch {})".format(
+                    self.path, shape, self.max_batch))
         host_in = self.input.host.reshape(-1)[:int(np.prod(shape))].reshape(shape)
         host_in[...] = chunk  # uint8 -> engine input dtype (uint8, or float32 for TensorRT 8.5 exports)
         cuda, stream, ev = self._cuda, self._stream, self._events
@@ -363,6 +392,8 @@ class TensorRTEngine(Engine):
             "input_shape": list(self.input_shape),
             "fp16": built.get("fp16"),
             "int8": built.get("int8"),
+            "strongly_typed": built.get("strongly_typed"),
+            "tf32": built.get("tf32"),
             "plugin_lib": self.plugin_lib,
             "last_timings_ms": dict(self.last_timings),
         }
