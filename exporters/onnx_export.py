@@ -3,11 +3,11 @@
 The front end (normalisation, truncated backbone, fused gather/upsample/concat) is the very
 ``FrameEmbedding`` module used by fit, traced by ``torch.onnx.export``; the head is appended as
 hand-written standard ops (``onnx_head``). The model.json dict plus export settings go to
-``metadata_props["edgead"]`` so a runtime needs only the .onnx file.
+``metadata_props["edgead"]`` so a runtime needs only the .onnx file (plus, for a model over the
+inline limit, the external data file next to it: ``external_data``).
 """
 import io
 import json
-import os
 import warnings
 
 import numpy as np
@@ -15,9 +15,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from edgead import atomic
 from edgead.bundle import FORMAT_VERSION
 from edgead.errors import ExportError
+from edgead.exporters import external_data as external_data_lib
 from edgead.exporters import onnx_head
 from edgead.runtime import schema
 
@@ -56,13 +56,15 @@ def _export_front_end(frame_embedding, input_hw, batch, input_dtype):
     return onnx.load_from_string(buffer.getvalue())
 
 
-def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):
+def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2, check=True):
     """Build the full ModelProto for ``bundle`` (a PadimBundle). Does not write anything.
 
     mahalanobis: ``onnx`` | ``plugin``; precision: ``fp16`` | ``fp32`` storage of the whitening (the
     mean stays fp32); batch: ``1``, ``N`` or ``"dynamic"``; input_dtype: ``uint8`` (default) or
     ``float32`` (pixel values 0..255, for TensorRT 8.5 which has no uint8 inputs); blocks: row blocks
-    of the standard-op Mahalanobis (see ``onnx_head.mahalanobis_standard_ops``).
+    of the standard-op Mahalanobis (see ``onnx_head.mahalanobis_standard_ops``). check: run the full
+    ``onnx.checker`` in memory, which only models below ``external_data.THRESHOLD_BYTES`` can take (one
+    protobuf string); larger ones are checked through the file ``export_onnx`` writes.
     """
     batch = parse_batch(batch)
     if input_dtype not in ("uint8", "float32"):
@@ -82,7 +84,8 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     )
     graph = model.graph
     graph.node.extend(nodes)
-    graph.initializer.extend(initializers)
+    for tensor in initializers:  # not extend(): upb copies by serializing, which fails for a tensor over 2 GiB
+        graph.initializer.add().CopyFrom(tensor)
     del graph.output[:]
     n_dim = "N" if batch == "dynamic" else batch
     graph.output.extend([
@@ -97,10 +100,8 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     model.producer_name = "edgead"
     model.doc_string = "edgead PaDiM ({}, {}x{}): uint8 RGB [N,H,W,3] -> anomaly_map, score".format(
         cfg["backbone"]["name"], height, width)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError("generated ONNX graph fails onnx.checker: {}".format(str(exc).splitlines()[0]))
+    if check and external_data_lib.estimate_model_bytes(model) <= external_data_lib.THRESHOLD_BYTES:
+        external_data_lib.check_onnx(model)
     return model
 
 
@@ -117,10 +118,19 @@ def metadata_text(meta, bundle_path=None):
     return text
 
 
-def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):
-    """Build and write ``out_path`` atomically. Returns the ModelProto."""
-    model = build_onnx(bundle, mahalanobis, precision, batch, input_dtype, blocks)
-    atomic.write_bytes(os.fspath(out_path), model.SerializeToString())
+def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2,
+                external_data="auto"):
+    """Build, check and write ``out_path``, switching from any model there in one rename. Returns the ModelProto.
+
+    external_data: ``auto`` (tensors of 1 KiB and more go to ``<out name>.<sha16>.data`` next to the .onnx
+    when the model would exceed ``external_data.THRESHOLD_BYTES``, 1.8 GiB), ``always`` or ``never`` (an
+    ExportError for a model that large). With external data the returned model's large initializers name
+    the data file instead of holding their bytes (``external_data.external_locations(model)``).
+    See ``edgead.exporters.external_data`` for the files and the steps.
+    """
+    external_data_lib.check_mode(external_data)  # before the long trace
+    model = build_onnx(bundle, mahalanobis, precision, batch, input_dtype, blocks, check=False)
+    external_data_lib.write_model(model, out_path, external_data, check=True)
     return model
 
 

@@ -18,28 +18,41 @@ from edgead.errors import DataError
 @click.option("--batch", default="1", show_default=True, help="1, N, or dynamic.")
 @click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
               help="float32 (0..255) for TensorRT 8.5, which has no uint8 inputs.")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Tensors of 1 KiB and more in OUT.<sha16>.data next to the .onnx: auto = when the model would "
+                   "exceed 1.8 GiB (protobuf's limit is 2 GiB; e.g. fp32 wide_resnet50_2); keep both files together.")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an edgead ONNX model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, force, as_json):
+def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external_data, force, as_json):
     """Export a bundle to one ONNX graph: uint8 [N,H,W,3] RGB -> anomaly_map [N,1,H,W], score [N].
+
+    A model over 1.8 GiB keeps its large tensors in an external data file next to the .onnx
+    (bottle.onnx.<sha16>.data); move or copy the two files together.
 
     \b
     Example:
       edgead export bottle.edgead -o bottle.onnx
       edgead export bottle.edgead -o bottle_trt.onnx --mahalanobis plugin --batch dynamic
+      edgead export wrn50.edgead -o wrn50.onnx --precision fp32   # 2.5 GB: + wrn50.onnx.<sha16>.data
     """
     from edgead.bundle import load_bundle
     from edgead.exporters import trt_ops
+    from edgead.exporters.external_data import external_locations
     from edgead.exporters.onnx_export import export_onnx, graph_op_types
 
     from edgead.output_paths import check_model_path
 
     check_model_path(out, force)  # before loading anything
     bundle = load_bundle(bundle_dir)
-    model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype)
+    model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype, external_data=external_data)
+    data_files = external_locations(model)  # one file, or none when inline
+    folder = os.path.dirname(os.path.abspath(out))
+    onnx_bytes = os.path.getsize(out)
     summary = {
         "onnx": out,
-        "bytes": os.path.getsize(out),
+        "bytes": onnx_bytes,
+        "data_file": data_files[0] if data_files else None,
+        "total_bytes": onnx_bytes + sum(os.path.getsize(os.path.join(folder, name)) for name in data_files),
         "ops": ["{}::{}".format(d, o) if d else o for d, o in graph_op_types(model)],
         "tensorrt_problems": trt_ops.check_graph(model),
         "mahalanobis": mahalanobis,
@@ -49,8 +62,10 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, force, a
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo("wrote {} ({:.1f} MB, {} flavour, {} whitening, batch {})".format(
-            out, summary["bytes"] / 1e6, mahalanobis, precision, batch))
+        size = "{:.1f} MB".format(summary["total_bytes"] / 1e6)
+        if summary["data_file"]:
+            size += " with external data {}".format(summary["data_file"])
+        click.echo("wrote {} ({}, {} flavour, {} whitening, batch {})".format(out, size, mahalanobis, precision, batch))
         for problem in summary["tensorrt_problems"]:
             click.echo("warning: " + problem, err=True)
 
