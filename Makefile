@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgead-installed
 NVCC   ?= nvcc
 
-.PHONY: demo test install bench bench-quick bench-anomalib clean
+.PHONY: demo test install bench bench-quick bench-anomalib clean gpu-check
 
 include cpp_bindings/Makefile.inc
 
@@ -48,6 +48,12 @@ bench-anomalib: $(STAMP)
 	bash benchmarks/setup_anomalib_venv.sh
 	if [ -n "$(ORT_INCLUDE)" ]; then $(MAKE) ort-ops ORT_INCLUDE="$(ORT_INCLUDE)"; fi
 	$(PY) benchmarks/vs_anomalib.py --out bench_out
+
+# GPU machine (no venv, no dependency installs, no network): builds the kernel for this GPU into build/gpu_check/,
+# checks it against float64, runs pytest -m gpu, compute-sanitizer and the kernel benchmark -> gpu_check.json.
+# Exit 2 without a GPU / nvcc / torch. GPU_CHECK_ARGS=--quick for a short run; PYTHON=... picks the interpreter.
+gpu-check:
+	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-anomalib build cpp_bindings/build demo_out bench_out
