@@ -24,3 +24,26 @@ def tiny_bundle():
 
     frames = random_frames(12)
     return fit_padim([frames[:5], frames[5:]], backbone="resnet18", weights="random", input_hw=TINY_HW, dim=24)
+
+
+@pytest.fixture(scope="session")
+def cpu_reference_lib(tmp_path_factory):
+    """``cpp_bindings/src/padim_mahalanobis_ref.cpp`` built with g++ alone (``-DEDGEAD_CPU_ONLY``, no CUDA) and
+    loaded through ``edgead.runtime.cuda_kernel.load_library``: the C ABI's CPU reference."""
+    import os
+    import shutil
+    import subprocess
+
+    from edgead.runtime import cuda_kernel
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    native = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cpp_bindings")
+    out = str(tmp_path_factory.mktemp("cpu_reference") / "libedgead_kernels_cpu.so")
+    proc = subprocess.run([cxx, "-std=c++11", "-O2", "-shared", "-fPIC", "-DEDGEAD_CPU_ONLY",
+                           "-I" + os.path.join(native, "include"), "-I" + os.path.join(native, "src"),
+                           os.path.join(native, "src", "padim_mahalanobis_ref.cpp"), "-o", out],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == 0, proc.stdout.decode()[-3000:]
+    return cuda_kernel.load_library(out)

@@ -58,17 +58,9 @@ def test_reference_equals_mahalanobis_of_spd_covariance():
 # --- C++ CPU reference through the ctypes binding ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cpu_lib(tmp_path_factory):
-    """``padim_mahalanobis_ref.cpp`` built with g++ (no CUDA) and loaded through ``cuda_kernel.load_library``."""
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    out = str(tmp_path_factory.mktemp("cpu") / "libedgead_kernels_cpu.so")
-    proc = subprocess.run([CXX, "-std=c++11", "-O2", "-shared", "-fPIC", "-DEDGEAD_CPU_ONLY",
-                           "-I" + os.path.join(NATIVE, "include"), "-I" + os.path.join(NATIVE, "src"), REF_SRC,
-                           "-o", out],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-    assert proc.returncode == 0, proc.stdout.decode()[-3000:]
-    return cuda_kernel.load_library(out)
+def cpu_lib(cpu_reference_lib):
+    """The C++ CPU reference without CUDA (conftest.cpu_reference_lib)."""
+    return cpu_reference_lib
 
 
 @pytest.mark.parametrize("n,dim,num_patches", [(3, 37, 11), (1, 100, 4), (2, 550, 2), (8, 1, 3)])

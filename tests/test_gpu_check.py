@@ -45,7 +45,7 @@ def _load(name, path):
 
 
 gc = _load("gpu_check", CHECK)
-kb = _load("kernel_bench", os.path.join(ROOT, "benchmarks", "kernel_bench.py"))
+kb = gc.load_module("kernel_bench", os.path.join(ROOT, "benchmarks", "kernel_bench.py"))
 NVCC = gc.find_nvcc()
 
 
@@ -458,16 +458,9 @@ def test_run_stops_starting_rows_after_the_deadline(monkeypatch):
 # --- a stand-in GPU: CPU torch + the C++ CPU reference as the kernel -------------------------------------------
 
 @pytest.fixture(scope="module")
-def cpu_lib(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    out = str(tmp_path_factory.mktemp("cpu") / "libedgead_kernels_cpu.so")
-    proc = subprocess.run([CXX, "-std=c++11", "-O2", "-shared", "-fPIC", "-DEDGEAD_CPU_ONLY",
-                           "-I" + os.path.join(NATIVE, "include"), "-I" + os.path.join(NATIVE, "src"),
-                           os.path.join(NATIVE, "src", "padim_mahalanobis_ref.cpp"), "-o", out],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
-    assert proc.returncode == 0, proc.stdout.decode()[-3000:]
-    return cuda_kernel.load_library(out)
+def cpu_lib(cpu_reference_lib):
+    """The C++ CPU reference without CUDA (conftest.cpu_reference_lib)."""
+    return cpu_reference_lib
 
 
 class _Event(object):
