@@ -19,8 +19,9 @@ Steps, everything under --out (default build/gpu_check/):
   6. benchmarks/kernel_bench.py: kernel vs bandwidth floor vs torch bmm per (N, D, P, dtype), plot if matplotlib
   7. gpu_check.json (+ the table printed): device, versions, copy bandwidth, every result above, goals
      (>= 80 % of the bandwidth floor at batch 1, >= 3x torch bmm; reported, never fatal)
-Exit status: 0 every build, correctness, test and sanitizer check passed (performance goals may have missed),
-1 one of them failed, 2 no GPU / nvcc / torch. --quick: smaller N lists, small sanitizer cases, short benchmark.
+Exit status: 0 every build, correctness, test and sanitizer check ran and passed (performance goals may have
+missed), 1 one of them failed, 2 no GPU / nvcc / torch, 3 none failed but one did not run or not to the end
+(no compute-sanitizer, no pytest, time budget): the table lists them as NOT RUN / INCOMPLETE. --quick: smaller N lists, small sanitizer cases, short benchmark.
 The whole run is sized for well under 8 minutes on an H100; --deadline-s stops starting new work after that many
 seconds (counted from $EDGEAD_GPU_CHECK_T0, which scripts/gpu_check.sh sets) and records what was skipped.
 """
@@ -444,7 +445,9 @@ def junit_counts(path):
 
 def pytest_files():
     files = list(GPU_TEST_FILES)
-    if all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "onnx", "cv2", "timm")):
+    # everything the real-TensorRT tests import (tiny_bundle fit, export, ORT reference, sidecar schema)
+    needed = ("tensorrt", "onnx", "onnxruntime", "cv2", "timm", "tqdm", "jsonschema", "safetensors", "click")
+    if all(importlib.util.find_spec(m) is not None for m in needed):
         files.append("tests/test_tensorrt_paths.py")  # its gpu test builds a TensorRT engine
     return files
 
@@ -620,8 +623,22 @@ def evaluate_goals(rows, goals=GOALS):
     return results
 
 
+def exit_status(failures, incomplete):
+    """1 when a check failed; 3 when a correctness, test or sanitizer check did not run (or not to the end);
+    0 only when every one of them ran and passed. Benchmark gaps and performance goals never count."""
+    if failures:
+        return 1
+    if any(not text.startswith("benchmark") for text in incomplete):
+        return 3
+    return 0
+
+
+def verdict_word(status):
+    return {0: "PASS", 1: "FAIL", 3: "INCOMPLETE"}[status]
+
+
 def verdict(summary):
-    """(failures, incomplete): lists of one-line texts. Failures set exit status 1; goals never do."""
+    """(failures, incomplete): lists of one-line texts (``exit_status`` turns them into the exit status)."""
     failures, incomplete = [], []
     build = summary.get("build") or {}
     for part in ("library", "driver"):
@@ -748,8 +765,9 @@ def format_report(summary):
         lines.append("  NOT RUN / INCOMPLETE: " + text)
     for text in failures:
         lines.append("  FAILED: " + text)
+    status = exit_status(failures, incomplete)
     lines.append("gpu-check: {} (correctness/sanitizer exit status {}); performance goals: {}".format(
-        "FAIL" if failures else "PASS", 1 if failures else 0,
+        verdict_word(status), status,
         ", ".join("{} {}".format(g["name"], g["status"]) for g in summary.get("goals") or []) or "not evaluated"))
     return "\n".join(lines)
 
@@ -844,19 +862,23 @@ def run_check(args):
                 summary["correctness"]["aborted"] = "EDGEAD_MAX_DIM {} in the header but MAX_DIM {} in Python".format(
                     summary["package"]["max_dim_header"], max_dim)
         save("correctness")
-        summary["pytest"] = run_pytest(out_dir, library, how != "installed", timeout=max(60, min(
-            300, deadline - time.time())))
-        log("pytest -m gpu: {} {}".format(summary["pytest"]["status"], summary["pytest"].get("reason") or ""))
-        save("pytest")
 
+    # the sanitizers before pytest: a slow TensorRT test must not use up their time
     if driver is not None:
-        sanitizer = {"native": run_driver_native(driver, out_dir, args.quick, timeout=300)}
+        sanitizer = {"native": run_driver_native(driver, out_dir, args.quick,
+                                                 timeout=max(30, min(300, deadline - time.time())))}
         log("kernel_sanitize (no sanitizer): {} {}".format(sanitizer["native"]["status"],
                                                            sanitizer["native"]["reason"] or ""))
         sanitizer.update(run_sanitizers(find_compute_sanitizer(nvcc), driver, out_dir, args.quick,
                                         deadline, timeout=240))
         summary["sanitizer"] = sanitizer
         save("sanitizer")
+
+    if library is not None:
+        summary["pytest"] = run_pytest(out_dir, library, how != "installed", timeout=max(60, min(
+            300, deadline - time.time())))
+        log("pytest -m gpu: {} {}".format(summary["pytest"]["status"], summary["pytest"].get("reason") or ""))
+        save("pytest")
 
     if library is not None and gpu_ok and summary.get("correctness", {}).get("status") != "error":
         grid = QUICK_BENCH if args.quick else FULL_BENCH
@@ -876,8 +898,8 @@ def run_check(args):
     summary["goals"] = evaluate_goals(summary["benchmark"].get("rows") or [])
     failures, incomplete = verdict(summary)
     summary["failures"], summary["incomplete"] = failures, incomplete
-    summary["ok"] = not failures
-    summary["exit_status"] = 1 if failures else 0
+    summary["exit_status"] = exit_status(failures, incomplete)
+    summary["ok"] = summary["exit_status"] == 0
     save("done")
     print(format_report(summary))
     print("gpu-check: wrote {}".format(summary_path))

@@ -109,6 +109,20 @@ def locked(path, shared=False):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def reading_folder_of(path):
+    """Shared ``flock`` on the folder of ``path`` while a reader loads a file that names siblings (an .onnx and
+    its external data file ``bottle.onnx.<sha16>.data``): ``edgead export`` holds the folder exclusively while it
+    replaces the pair, so it never removes the data file mid-read. No lock where the folder cannot be opened
+    (a folder without read permission)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(os.path.dirname(os.path.abspath(os.fspath(path))), shared=True))
+        except OSError:
+            pass
+        yield
+
+
 def _read_umask():
     umask = os.umask(0o022)  # the only way to read it; set and restored at once, at import (no threads yet)
     os.umask(umask)

@@ -38,6 +38,7 @@ Sidecar ``tensorrt``: ``version``, ``fp16``, ``int8``, ``strongly_typed``, ``tf3
 Works with TensorRT 8.5, 8.6, 10.x (fp32/fp16/int8) and 11.x (strongly typed). Every failure raises
 ExportError / BackendError naming the file.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -236,7 +237,10 @@ def _parse(trt, onnx_path, logger):
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.path.abspath(onnx_path)):
+    # shared lock on the folder: a concurrent `edgead export` never removes the external data file mid-parse
+    with atomic.reading_folder_of(onnx_path):
+        parsed = parser.parse_from_file(os.path.abspath(onnx_path))
+    if not parsed:
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         first = errors[0] if errors else "unknown parser error"
         hint = ""
@@ -341,9 +345,13 @@ def build_engine(onnx_path, engine_path, fp16=False, int8=False, calib_dir=None,
             calibrator = _make_calibrator(trt, feed, cache_path)
             config.int8_calibrator = calibrator
         serialized = builder.build_serialized_network(network, config)
-    finally:
-        if feed is not None:
-            feed.close()
+    except BaseException:
+        if feed is not None:  # the build's own error matters; a failing free after it (sticky CUDA error) must not hide it
+            with contextlib.suppress(Exception):
+                feed.close()
+        raise
+    if feed is not None:
+        feed.close()
     if feed is not None and feed.error is not None:
         error = feed.error
         where = cache_path if isinstance(error, OSError) else calib_dir

@@ -10,8 +10,8 @@
 # 3. benchmarks/gpu_check.py: nvcc build for this GPU into build/gpu_check/, correctness grid vs float64,
 #    pytest -m gpu, compute-sanitizer (memcheck, racecheck, synccheck, initcheck), kernel benchmark,
 #    build/gpu_check/gpu_check.json + a printed table
-# Exit status: 0 every correctness / test / sanitizer check passed (performance goals are only reported),
-#              1 one failed, 2 no GPU / nvcc / torch.
+# Exit status: 0 every correctness / test / sanitizer check ran and passed (performance goals are only reported),
+#              1 one failed, 2 no GPU / nvcc / torch, 3 none failed but one did not run (e.g. no compute-sanitizer).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 export EDGEAD_GPU_CHECK_T0="${EDGEAD_GPU_CHECK_T0:-$(date +%s)}"

@@ -254,7 +254,8 @@ def test_gpu_kernel_matches_float64_reference(gpu_lib, n, dim, num_patches, half
     assert torch.isfinite(out).all(), "kernel left {} outputs unwritten".format(int((~torch.isfinite(out)).sum()))
     expected = _gpu_reference_f64(x, mean, w)
     rel = ((out.double() - expected).abs() / expected.clamp_min(1e-12)).max().item()
-    assert rel < 2e-5, "max relative error {:.3g}".format(rel)
+    tolerance = 2e-5 * max(1.0, (dim / 550) ** 0.5)  # fp32 accumulation over D terms (as gpu_check's grid)
+    assert rel < tolerance, "max relative error {:.3g} > {:.3g}".format(rel, tolerance)
 
 
 @pytest.mark.gpu
@@ -275,8 +276,9 @@ def test_gpu_kernel_refuses_dim_above_max(gpu_lib):
 
 @pytest.fixture(scope="module")
 def shared_cudart_lib(tmp_path_factory):
-    """The kernel library linked against the shared libcudart (``-cudart shared``) plus that very libcudart, so a
-    test can leave an error in the runtime state the launcher sees (nvcc's default static cudart is private)."""
+    """The kernel library linked against the shared libcudart (``-cudart shared``) plus the very libcudart it uses
+    (opened by its soname, which returns the copy already loaded for the library; torch may carry another copy with
+    its own error state), so a test can leave an error where the launcher would see it."""
     import ctypes
 
     if not _cuda_available():
@@ -293,7 +295,10 @@ def shared_cudart_lib(tmp_path_factory):
     needed = subprocess.run(["ldd", out], stdout=subprocess.PIPE).stdout.decode()
     match = re.search(r"(libcudart\.so[.0-9]*) => (\S+)", needed)
     assert match, needed
-    cudart = ctypes.CDLL(match.group(2))  # already loaded by the kernel library: the same handle and state
+    cudart = ctypes.CDLL(match.group(1))  # by soname: the handle the kernel library itself resolved
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[-1] for line in maps if "libcudart" in line}
+    assert os.path.realpath(match.group(2)) in {os.path.realpath(m) for m in mapped}, mapped
     cudart.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
     return lib, cudart
 
@@ -301,22 +306,27 @@ def shared_cudart_lib(tmp_path_factory):
 @pytest.mark.gpu
 def test_gpu_launch_neither_reports_nor_clears_an_earlier_error(shared_cudart_lib):
     """An earlier non-sticky error (a failed cudaMalloc, as TensorRT's allocator may leave) is not the kernel's:
-    the launch succeeds and the error is still there for its owner to read."""
+    the launch succeeds and the error is still there for its owner to read. Everything torch does happens before
+    the error is planted or after it is read back, so torch never sees it."""
     import ctypes
 
     import torch
 
     lib, cudart = shared_cudart_lib
-    cudart.cudaGetLastError()  # start clean
-    pointer = ctypes.c_void_p()
-    assert cudart.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(1 << 62)) == 2  # cudaErrorMemoryAllocation
     x = torch.ones((2, 8, 4), device="cuda")
     mean = torch.zeros((4, 8), device="cuda")
     w = torch.zeros((4, 36), device="cuda")
     w[:, 0] = 1.0  # W[0, 0] = 1: distance = |x[0] - mean[0]| = 1
     out = torch.full((2, 4), float("nan"), device="cuda")
-    cuda_kernel.padim_mahalanobis(x, mean, w, out, stream=torch.cuda.current_stream().cuda_stream, lib=lib)
+    stream = torch.cuda.current_stream().cuda_stream
     torch.cuda.synchronize()
+    assert cudart.cudaGetLastError() == 0  # start clean
+    pointer = ctypes.c_void_p()
+    assert cudart.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(1 << 62)) == 2  # cudaErrorMemoryAllocation
+    cuda_kernel.padim_mahalanobis(x, mean, w, out, stream=stream, lib=lib)  # raises if the launch reported it
+    pending = cudart.cudaGetLastError()
+    after = cudart.cudaGetLastError()
+    torch.cuda.synchronize()
+    assert pending == 2  # still pending after the launch: the launcher neither reported nor consumed it
+    assert after == 0
     assert torch.equal(out, torch.ones((2, 4), device="cuda"))
-    assert cudart.cudaGetLastError() == 2  # still pending: the launcher neither reported nor consumed it
-    assert cudart.cudaGetLastError() == 0

@@ -295,6 +295,16 @@ def test_missing_sanitizer_is_not_run_never_a_pass():
     report = gc.format_report(summary)
     assert "NOT RUN / INCOMPLETE: compute-sanitizer memcheck: not run" in report
     assert not re.search(r"memcheck\s+pass", report)
+    # never a PASS or exit 0 when a sanitizer did not run
+    assert gc.exit_status(failures, incomplete) == 3
+    assert "gpu-check: INCOMPLETE (correctness/sanitizer exit status 3)" in report and "PASS" not in report
+
+
+def test_exit_status_ignores_benchmark_gaps_only():
+    assert gc.exit_status([], []) == 0
+    assert gc.exit_status([], ["benchmark: skipped 3 rows (time budget)"]) == 0
+    assert gc.exit_status([], ["pytest -m gpu: not run (pytest is not installed)"]) == 3
+    assert gc.exit_status(["correctness: 1 of 4 cases failed"], ["compute-sanitizer racecheck: not run"]) == 1
 
 
 def test_summary_json_is_strict(tmp_path):

@@ -405,11 +405,19 @@ def test_int8_calibration_folder_problems(tmp_path, fake_trt):
 
 class _FakeLib(object):
     def __init__(self, status=0):
-        self.freed, self.status = [], status
+        self.freed, self.calls, self.status = [], [], status
 
     def cudaFree(self, pointer):
         self.freed.append(pointer)
         return self.status
+
+    def cudaMemcpy(self, dst, src, nbytes, kind):
+        self.calls.append(("cudaMemcpy", dst, nbytes, kind))
+        return self.status
+
+    def cudaDeviceSynchronize(self):
+        self.calls.append(("cudaDeviceSynchronize",))
+        return 0
 
     def cudaGetErrorString(self, status):
         return b"an illegal memory access was encountered"
@@ -425,6 +433,15 @@ def test_cuda_runtime_free():
     cuda.lib = _FakeLib(status=700)
     with pytest.raises(BackendError, match=r"CUDA error in cudaFree: an illegal memory access"):
         cuda.free(0x1234)
+
+
+def test_copy_to_device_is_complete_on_the_device_when_it_returns():
+    """cudaMemcpy from pageable memory may return before the DMA lands: the copy is followed by a device sync."""
+    cuda = object.__new__(tensorrt_engine.CudaRuntime)
+    cuda.lib = _FakeLib()
+    chunk = np.zeros((2, 4, 4, 3), np.uint8)
+    cuda.copy_to_device(0x1000, chunk)
+    assert cuda.lib.calls == [("cudaMemcpy", 0x1000, chunk.nbytes, 1), ("cudaDeviceSynchronize",)]
 
 
 def test_cuda_device_status_without_libcudart(monkeypatch):

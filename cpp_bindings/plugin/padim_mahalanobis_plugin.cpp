@@ -52,8 +52,8 @@ std::string parseFields(PluginFieldCollection const* fc, PadimParams& params) {
     if (params.dim < 1 || params.dim > EDGEAD_MAX_DIM) return "attribute dim must be in 1.." + std::to_string(EDGEAD_MAX_DIM);
     if (params.numPatches < 1) return "attribute num_patches must be >= 1";
     if (!haveDtype)
-        return "attribute whitening_dtype is missing (re-export the model with edgead >= 0.3: the node must record "
-               "the stored dtype of whitening_packed)";
+        return "field whitening_dtype is missing (the model or engine predates it: re-export the ONNX with this edgead "
+               "and rebuild the engine)";
     if (params.whiteningDtype != kOnnxFloat && params.whiteningDtype != kOnnxFloat16)
         return "attribute whitening_dtype must be 1 (float32) or 10 (float16), got " +
                std::to_string(params.whiteningDtype);

@@ -5,7 +5,6 @@
 is run in chunks of B (the last chunk padded with copies of its last frame, the padding dropped);
 a dynamic-batch model gets the whole array at once. onnxruntime is imported here, never by ``base``.
 """
-import contextlib
 import os
 
 import numpy as np
@@ -50,20 +49,6 @@ def parse_providers(providers, available):
     if PROVIDER_NAMES["cpu"] not in names:
         names.append(PROVIDER_NAMES["cpu"])  # fallback for nodes the GPU providers do not take
     return names
-
-
-@contextlib.contextmanager
-def _reading(path):
-    """Shared ``flock`` on the model's folder while ONNX Runtime reads the .onnx and its external data file
-    (``bottle.onnx.<sha16>.data``, resolved next to the .onnx): ``edgead export`` holds it exclusively while
-    it replaces the pair, so it never removes the data file mid-read. No lock where the folder cannot be
-    opened (a folder without read permission)."""
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(atomic.locked(os.path.dirname(os.path.abspath(path)), shared=True))
-        except OSError:
-            pass
-        yield
 
 
 class OrtEngine(Engine):
@@ -115,7 +100,7 @@ class OrtEngine(Engine):
             else:
                 provider_list.append(name)
         try:
-            with _reading(self.path):
+            with atomic.reading_folder_of(self.path):
                 self.session = ort.InferenceSession(self.path, sess_options=opts, providers=provider_list)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

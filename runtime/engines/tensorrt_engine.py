@@ -123,8 +123,13 @@ class CudaRuntime(object):
         self.check(self.lib.cudaMemcpyAsync(dst, src, int(nbytes), kind, stream), "cudaMemcpyAsync")
 
     def copy_to_device(self, dst, host_array):
-        """Synchronous host -> device copy of a contiguous numpy array."""
+        """Host -> device copy of a contiguous numpy array, complete on the device when this returns.
+
+        ``cudaMemcpy`` from pageable memory may return once the data is staged, before the DMA lands; a consumer
+        on another (non-blocking) stream, such as TensorRT's calibration, could then read a partial batch. So the
+        device is synchronized after the copy."""
         self.check(self.lib.cudaMemcpy(dst, host_array.ctypes.data, host_array.nbytes, _MEMCPY_H2D), "cudaMemcpy")
+        self.check(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
 
     def record(self, event, stream):
         self.check(self.lib.cudaEventRecord(event, stream), "cudaEventRecord")
