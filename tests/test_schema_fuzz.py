@@ -144,6 +144,19 @@ def _check_invariants(info, bundle):
         assert list(embedding["grid"]) == [inp["height"] // strides[0], inp["width"] // strides[0]]
 
 
+def _accepted_consistent_or_refused(load, error_type, name, bundle):
+    """``load()`` either returns a config whose invariants hold, or raises ``error_type`` with one clean line
+    starting with ``name``; hypothesis ``event``s count which."""
+    try:
+        config = load()
+    except error_type as exc:
+        event("refused")
+        _assert_clean_error(exc, name)
+    else:
+        event("accepted")
+        _check_invariants(config, bundle=bundle)
+
+
 def _assert_clean_error(error, name):
     message = str(error)
     assert "\n" not in message and "\r" not in message, message
@@ -169,28 +182,15 @@ def test_mutated_model_json_is_accepted_consistent_or_refused_in_one_line(valid_
     path = os.path.join(folder, CONFIG_NAME)
     with open(path, "w", encoding="utf-8", errors="surrogatepass") as fh:
         fh.write(text)
-    try:
-        config = read_config(folder)
-    except BundleError as exc:
-        event("refused")
-        _assert_clean_error(exc, path + ": ")
-    else:
-        event("accepted")
-        _check_invariants(config, bundle=True)
+    _accepted_consistent_or_refused(lambda: read_config(folder), BundleError, path + ": ", bundle=True)
 
 
 @FUZZ
 @given(data=st.data())
 def test_mutated_metadata_is_accepted_consistent_or_refused_in_one_line(data):
     text = _mutate(data, copy.deepcopy(fake_metadata()))  # fake_metadata shares FAKE_CALIBRATION
-    try:
-        info = modelinfo.parse_metadata(text, "fuzz.onnx")
-    except ModelFileError as exc:
-        event("refused")
-        _assert_clean_error(exc, "fuzz.onnx: ")
-    else:
-        event("accepted")
-        _check_invariants(info, bundle=False)
+    _accepted_consistent_or_refused(lambda: modelinfo.parse_metadata(text, "fuzz.onnx"), ModelFileError,
+                                    "fuzz.onnx: ", bundle=False)
 
 
 # --- (2) arbitrary bytes and text ----------------------------------------------------------------------------------
@@ -211,27 +211,14 @@ def test_arbitrary_bytes_as_model_json(tmp_path, content):
     path = os.path.join(folder, CONFIG_NAME)
     with open(path, "wb") as fh:
         fh.write(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
-    try:
-        config = read_config(folder)
-    except BundleError as exc:
-        event("refused")
-        _assert_clean_error(exc, path + ": ")
-    else:
-        event("accepted")
-        _check_invariants(config, bundle=True)
+    _accepted_consistent_or_refused(lambda: read_config(folder), BundleError, path + ": ", bundle=True)
 
 
 @FUZZ
 @given(content=raw_inputs)
 def test_arbitrary_text_or_bytes_as_metadata_string(content):
-    try:
-        info = modelinfo.parse_metadata(content, "fuzz.onnx")
-    except ModelFileError as exc:
-        event("refused")
-        _assert_clean_error(exc, "fuzz.onnx: ")
-    else:
-        event("accepted")
-        _check_invariants(info, bundle=False)
+    _accepted_consistent_or_refused(lambda: modelinfo.parse_metadata(content, "fuzz.onnx"), ModelFileError,
+                                    "fuzz.onnx: ", bundle=False)
 
 
 def _varint(n):
