@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --out bench_out
+	$(PY) benchmarks/export_memory.py --out bench_out
 	$(PY) benchmarks/backbone_auroc.py --out bench_out
 	$(PY) benchmarks/latency_table.py --out bench_out
 	$(PY) benchmarks/default_thresholds.py --out bench_out
@@ -36,6 +37,7 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --quick --out bench_out/quick
+	$(PY) benchmarks/export_memory.py --quick --out bench_out/quick
 	$(PY) benchmarks/backbone_auroc.py --quick --out bench_out/quick
 	$(PY) benchmarks/latency_table.py --quick --out bench_out/quick
 	$(PY) benchmarks/default_thresholds.py --quick --out bench_out/quick

@@ -11,11 +11,12 @@ is the switch. A process killed at any point leaves either the old bundle or the
 never a mix; the next save removes what such a crash left behind.
 """
 import contextlib
+import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from edgead import __version__, atomic, backbones, packing
@@ -33,19 +34,78 @@ WEIGHTS_FILE_PATTERN = re.compile(r"^weights(-[0-9a-f]{16})?\.safetensors$")
 _STALE_TEMP = re.compile(r"^\.(model|weights[-0-9a-f]*)\..+\.tmp\.(json|safetensors)$")
 
 
-@dataclass
 class PadimBundle:
     """Everything a fitted PaDiM detector is made of.
 
     config: the model.json dict (see docs/CONTRACTS.md); backbone_state: truncated backbone tensors;
-    mean ``[P, D]`` float32; whitening_packed ``[P, T]`` float32.
+    mean ``[P, D]`` float32; whitening_packed ``[P, T]`` float32: a tensor, or a ``LazyWhitening`` reader over
+    the bundle's weights file (``load_bundle(..., lazy_statistics=True)``), read only when asked for:
+    ``iter_whitening_rows`` streams row blocks either way, and the ``whitening_packed`` attribute reads the
+    whole tensor into memory on first access. ``close()`` (or ``with bundle:``) releases a reader's file.
     """
 
-    config: dict
-    backbone_state: dict
-    mean: torch.Tensor
-    whitening_packed: torch.Tensor
-    path: str = field(default=None)
+    def __init__(self, config, backbone_state, mean, whitening_packed, path=None):
+        self.config = config
+        self.backbone_state = backbone_state
+        self.mean = mean
+        self.whitening_packed = whitening_packed
+        self.path = path
+
+    def __repr__(self):
+        return "PadimBundle({!r}, backbone {}, mean {}{})".format(
+            self.path, (self.config.get("backbone") or {}).get("name"), tuple(self.mean.shape),
+            ", statistics on disk" if self._whitening is None else "")
+
+    # ---- the statistics ----------------------------------------------------------------------------
+    @property
+    def whitening_packed(self):
+        """``[P, T]`` float32 tensor; a lazy bundle reads it from its weights file now (once)."""
+        if self._whitening is None:
+            self._whitening = torch.from_numpy(self._whitening_reader.read_all())
+            self._whitening_reader = None  # a copy of this bundle may still read through it; closed when unused
+        return self._whitening
+
+    @whitening_packed.setter
+    def whitening_packed(self, value):
+        if isinstance(value, LazyWhitening):
+            self._whitening, self._whitening_reader = None, value
+        else:
+            self._whitening, self._whitening_reader = value, None
+
+    @property
+    def whitening_shape(self):
+        """``(P, T)`` without reading a lazy bundle's statistics."""
+        source = self._whitening if self._whitening is not None else self._whitening_reader
+        return tuple(int(v) for v in source.shape)
+
+    @property
+    def statistics_in_memory(self):
+        """False while a lazy bundle has not read its whitening."""
+        return self._whitening is not None
+
+    def iter_whitening_rows(self, max_bytes=64 << 20):
+        """Yield ``(start_row, float32 ndarray [rows, T])`` blocks of the packed whitening, in order, each at
+        most ``max_bytes`` (at least one row). Eager bundles yield views of their tensor (no copy for float32);
+        lazy ones read each block from the weights file with positional reads (no mmap: memory stays one block)."""
+        if self._whitening is None:
+            yield from self._whitening_reader.iter_rows(max_bytes)
+            return
+        whitening = self._whitening.detach()
+        rows, cols = whitening.shape
+        step = max(1, int(max_bytes) // max(1, int(cols) * 4))
+        for start in range(0, rows, step):
+            yield start, whitening[start:start + step].to(torch.float32).contiguous().cpu().numpy()
+
+    def close(self):
+        """Release the weights file a lazy bundle keeps open (its statistics can no longer be read)."""
+        if self._whitening_reader is not None:
+            self._whitening_reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ---- building torch modules -------------------------------------------------------------
     def frame_embedding(self, prune_deepest=False):
@@ -219,20 +279,41 @@ def weights_file_path(folder, config=None):
     return os.path.join(folder, weights_file)
 
 
-def load_bundle(folder):
-    """Load and validate a bundle folder. Raises BundleError for missing, truncated, corrupt or mismatched files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_bundle(folder, lazy_statistics=False):
+    """Load and validate a bundle folder. Raises BundleError for missing, truncated, corrupt or mismatched files.
 
+    lazy_statistics: keep ``padim.whitening_packed`` (``P x T`` float32, 2.48 GB for wide_resnet50_2) on disk:
+    the bundle holds the weights file open (opened, checksummed and validated under the folder's shared lock, so
+    a later save that replaces or removes the file changes nothing it reads) and reads row blocks on demand
+    (``PadimBundle.iter_whitening_rows``; what ``edgead export`` streams). Every check of the eager load runs,
+    with the same messages (NaN/Inf block by block). Close it with ``bundle.close()`` or ``with``.
+    """
     folder = os.fspath(folder)
     read_config(folder)  # a clear error for a missing or broken folder before locking it
-    with atomic.locked(folder, shared=True):  # a save in progress (exclusive lock) cannot swap files mid-read
-        config, tensors, weights_path = _read_locked(folder, load_file, SafetensorError)
-    return _assemble(folder, config, tensors, weights_path)
+    if not lazy_statistics:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        with atomic.locked(folder, shared=True):  # a save in progress (exclusive lock) cannot swap files mid-read
+            config, tensors, weights_path = _read_locked(folder, load_file, SafetensorError)
+        return _assemble(folder, config, tensors, weights_path)
+    with atomic.locked(folder, shared=True):
+        config, tensors, weights_path = _read_locked_lazy(folder)
+    try:
+        return _assemble(folder, config, tensors, weights_path)
+    except BaseException:
+        reader = tensors.get(WHITENING_KEY)
+        if isinstance(reader, LazyWhitening):
+            reader.close()
+        raise
 
 
-def _read_locked(folder, load_file, SafetensorError):
-    """model.json, then the weights file it names, checksum-verified: ``(config, tensors, weights_path)``."""
+MEAN_KEY = "padim.mean"
+WHITENING_KEY = "padim.whitening_packed"
+
+
+def _weights_to_read(folder):
+    """model.json (validated), the weights file it names (must exist) and its recorded SHA-256."""
     config = read_config(folder)
     weights_path = weights_file_path(folder, config)
     weights_file = os.path.basename(weights_path)
@@ -242,10 +323,19 @@ def _read_locked(folder, load_file, SafetensorError):
     if not isinstance(expected, str):
         raise BundleError("{}: no weights_sha256, so {} cannot be checked; refit with `edgead fit`".format(
             os.path.join(folder, CONFIG_NAME), weights_file))
+    return config, weights_path, expected
+
+
+def _checksum_error(weights_path):
+    return BundleError(
+        "{}: checksum does not match {} (file truncated, corrupted or from another fit)".format(weights_path, CONFIG_NAME))
+
+
+def _read_locked(folder, load_file, SafetensorError):
+    """model.json, then the weights file it names, checksum-verified: ``(config, tensors, weights_path)``."""
+    config, weights_path, expected = _weights_to_read(folder)
     if _sha256(weights_path) != expected:
-        raise BundleError(
-            "{}: checksum does not match {} (file truncated, corrupted or from another fit)".format(weights_path, CONFIG_NAME)
-        )
+        raise _checksum_error(weights_path)
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -253,21 +343,209 @@ def _read_locked(folder, load_file, SafetensorError):
     return config, tensors, weights_path
 
 
+def _read_locked_lazy(folder):
+    """As ``_read_locked``, but ``padim.whitening_packed`` is a ``LazyWhitening`` over one open descriptor of the
+    weights file: the checksum is computed through it and every later read goes through it."""
+    from safetensors import SafetensorError, safe_open
+
+    config, weights_path, expected = _weights_to_read(folder)
+    try:
+        fd = os.open(weights_path, os.O_RDONLY)
+    except OSError as exc:
+        raise BundleError("{}: cannot read ({})".format(weights_path, exc))
+    try:
+        if _sha256_fd(fd) != expected:
+            raise _checksum_error(weights_path)
+        try:  # the safetensors reader validates the file exactly as the eager load does; it reads through our fd
+            try:
+                handle = safe_open(_fd_path(fd, weights_path), framework="pt", backend="pread")
+            except TypeError:  # a safetensors without the pread backend
+                handle = safe_open(_fd_path(fd, weights_path), framework="pt")
+            with handle:
+                keys = list(handle.keys())
+                tensors = {key: handle.get_tensor(key) for key in keys if key != WHITENING_KEY}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError("{}: cannot read safetensors ({})".format(weights_path, exc))
+        if WHITENING_KEY in keys:
+            tensors[WHITENING_KEY] = _lazy_tensor(fd, weights_path, WHITENING_KEY)
+        else:
+            os.close(fd)  # _assemble reports the missing tensor
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    return config, tensors, weights_path
+
+
+def _fd_path(fd, fallback):
+    """A path that opens the file behind ``fd`` itself, even when it was renamed or removed since."""
+    for pattern in ("/proc/self/fd/{}", "/dev/fd/{}"):
+        if os.path.isdir(os.path.dirname(pattern.format(fd))):
+            return pattern.format(fd)
+    return fallback  # no such file system: the path, under the folder lock
+
+
+#: safetensors dtype -> numpy little-endian type the lazy reader reads and converts to float32 block by block (the
+#: dtypes an eager load takes too; BF16 is read as its 16 bits and widened)
+_LAZY_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}
+
+
+def _lazy_tensor(fd, weights_path, key):
+    """A ``LazyWhitening`` for tensor ``key`` of the (already validated) safetensors file open as ``fd``."""
+    def unreadable(reason):
+        return BundleError("{}: cannot read safetensors ({})".format(weights_path, reason))
+
+    try:
+        header_len = int.from_bytes(_pread_bytes(fd, 8, 0), "little")
+        header = json.loads(_pread_bytes(fd, header_len, 8))
+        entry = header[key]
+        dtype_name, shape = str(entry["dtype"]), [int(v) for v in entry["shape"]]
+        begin, end = (int(v) for v in entry["data_offsets"])
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise unreadable("header entry of {}: {}".format(key, exc))
+    itemsize = np.dtype(_LAZY_DTYPES[dtype_name]).itemsize if dtype_name in _LAZY_DTYPES else None
+    if itemsize is not None and (begin < 0 or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize):
+        raise unreadable("{}: data_offsets {} do not hold {} {}".format(key, [begin, end], dtype_name, shape))
+    return LazyWhitening(fd, weights_path, 8 + header_len + begin, tuple(shape), dtype_name)
+
+
+def _pread_bytes(fd, count, offset):
+    data = os.pread(fd, count, offset)
+    if len(data) != count:
+        raise ValueError("file ends at byte {}".format(offset + len(data)))
+    return data
+
+
+def _pread_into(fd, view, offset, path):
+    """Fill the byte memoryview ``view`` from ``fd`` at ``offset`` (positional reads: no file position, no mmap)."""
+    while len(view):
+        if hasattr(os, "preadv"):
+            count = os.preadv(fd, [view], offset)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, min(len(view), 1 << 26), offset)
+            count = len(data)
+            view[:count] = data
+        if count <= 0:
+            raise BundleError("{}: ends at byte {}, inside {} (the file was cut after it was checked)".format(
+                path, offset, WHITENING_KEY))
+        view, offset = view[count:], offset + count
+
+
+def _sha256_of_fd(fd):
+    """Hex SHA-256 of the whole file open as ``fd`` (positional reads from 0, 4 MiB at a time)."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(4 << 20))
+    offset = 0
+    while True:
+        count = os.preadv(fd, [buffer], offset) if hasattr(os, "preadv") else _pread_compat(fd, buffer, offset)
+        if count <= 0:
+            return digest.hexdigest()
+        digest.update(buffer[:count])
+        offset += count
+
+
+def _pread_compat(fd, buffer, offset):  # pragma: no cover - platforms without preadv
+    data = os.pread(fd, len(buffer), offset)
+    buffer[:len(data)] = data
+    return len(data)
+
+
+#: hex SHA-256 of an open file descriptor (the lazy load); a module global so tests can wrap it
+_sha256_fd = _sha256_of_fd
+
+
+class LazyWhitening:
+    """``padim.whitening_packed`` left in the weights file: positional reads (``os.preadv``) through a descriptor
+    opened while the bundle was checked, so a save that replaces or removes the file later changes nothing read
+    here (the kernel keeps an unlinked file's data while it is open). No mmap: read blocks are the only memory.
+
+    shape ``(P, T)``; dtype_name: the safetensors dtype; blocks come back as float32 (another stored type is
+    converted block by block).
+    """
+
+    def __init__(self, fd, path, offset, shape, dtype_name="F32"):
+        self._fd = fd
+        self.path = path
+        self.offset = int(offset)
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype_name = dtype_name
+        self.dtype = np.dtype(_LAZY_DTYPES[dtype_name]) if dtype_name in _LAZY_DTYPES else None
+
+    @property
+    def closed(self):
+        return self._fd is None
+
+    def close(self):
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self):
+        self.close()
+
+    def _row_bytes(self):
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def read_rows(self, start, stop, out=None):
+        """Rows ``start:stop`` as float32 ``[stop - start, T]`` (into ``out`` when given)."""
+        if self._fd is None:
+            raise BundleError("{}: the bundle was closed; load it again to read its statistics".format(self.path))
+        if self.dtype is None:
+            raise BundleError("{}: {} is stored as {}, which edgead cannot read lazily; load the bundle without "
+                              "lazy_statistics".format(self.path, WHITENING_KEY, self.dtype_name))
+        count = max(0, int(stop) - int(start))
+        block_shape = (count,) + self.shape[1:]
+        native = self.dtype == np.dtype(np.float32)
+        raw = out if (out is not None and native) else np.empty(block_shape, self.dtype)
+        if raw.nbytes:
+            _pread_into(self._fd, memoryview(raw).cast("B"), self.offset + int(start) * self._row_bytes(), self.path)
+        if native:
+            return raw
+        if self.dtype_name == "BF16":  # the upper half of a float32
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        if out is None:
+            return raw.astype(np.float32)
+        out[...] = raw
+        return out
+
+    def iter_rows(self, max_bytes=64 << 20):
+        """Yield ``(start_row, float32 [rows, T])`` blocks of at most ``max_bytes`` (at least one row), in order."""
+        rows = self.shape[0]
+        step = max(1, int(max_bytes) // max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * 4))
+        for start in range(0, rows, step):
+            yield start, self.read_rows(start, min(rows, start + step))
+
+    def all_finite(self, max_bytes=64 << 20):
+        """True when no element is NaN or Inf (read block by block)."""
+        return all(bool(np.isfinite(block).all()) for _, block in self.iter_rows(max_bytes))
+
+    def read_all(self, max_bytes=64 << 20):
+        """The whole tensor, float32 ``[P, T]`` (one allocation, filled block by block)."""
+        out = np.empty(self.shape, np.float32)
+        step = max(1, int(max_bytes) // max(1, int(np.prod(self.shape[1:], dtype=np.int64)) * 4))
+        for start in range(0, self.shape[0], step):
+            stop = min(self.shape[0], start + step)
+            self.read_rows(start, stop, out=out[start:stop])
+        return out
+
+
 def _assemble(folder, config, tensors, weights_path):
     """Check the tensors against model.json and the network edgead builds; the PadimBundle."""
-    for key in ("padim.mean", "padim.whitening_packed"):
+    for key in (MEAN_KEY, WHITENING_KEY):
         if key not in tensors:
             raise BundleError("{}: tensor {} missing".format(weights_path, key))
     grid_h, grid_w = config["embedding"]["grid"]
     num_patches, dim = grid_h * grid_w, len(config["embedding"]["channel_indices"])
-    mean, whitening = tensors["padim.mean"], tensors["padim.whitening_packed"]
+    mean, whitening = tensors[MEAN_KEY], tensors[WHITENING_KEY]
     if tuple(mean.shape) != (num_patches, dim):
         raise BundleError("{}: padim.mean has shape {}, model.json implies {}".format(
             weights_path, tuple(mean.shape), (num_patches, dim)))
     if tuple(whitening.shape) != (num_patches, packing.packed_length(dim)):
         raise BundleError("{}: padim.whitening_packed has shape {}, model.json implies {}".format(
             weights_path, tuple(whitening.shape), (num_patches, packing.packed_length(dim))))
-    if not (torch.isfinite(mean).all() and torch.isfinite(whitening).all()):
+    if not (torch.isfinite(mean).all() and _all_finite(whitening)):
         raise BundleError("{}: statistics contain NaN or Inf".format(weights_path))
     backbone_state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
     bundle = PadimBundle(config, backbone_state, mean, whitening, path=folder)
@@ -283,3 +561,9 @@ def _assemble(folder, config, tensors, weights_path):
                               os.path.join(folder, CONFIG_NAME), config["backbone"]["channels"],
                               config["backbone"]["strides"], config["backbone"]["name"], channels, strides))
     return bundle
+
+
+def _all_finite(whitening):
+    if isinstance(whitening, LazyWhitening):
+        return whitening.all_finite()
+    return bool(torch.isfinite(whitening).all())

@@ -77,7 +77,7 @@ class PadimFitter:
     """
 
     def __init__(self, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0,
-                 batch_size=1):
+                 batch_size=1, max_memory=None):
         if dim is not None:
             check_dim(dim)  # before loading weights; the upper bound needs the backbone (make_config)
         extractor, description = load_backbone(backbone, weights, seed=seed, input_hw=input_hw)
@@ -87,10 +87,30 @@ class PadimFitter:
                                cfg["backbone"]["strides"])
         self.embedding = FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
         grid_h, grid_w = cfg["embedding"]["grid"]
-        resources.check_padim_fit_memory(grid_h * grid_w, cfg["embedding"]["dim"], input_hw, batch_size)
-        self.accumulator = padim.GaussianAccumulator(grid_h * grid_w, cfg["embedding"]["dim"])
+        backbone_bytes = sum(t.numel() * t.element_size() for t in extractor.state_dict().values())
+        #: the memory budget and what fits in it (``resources.FitMemoryPlan``); max_memory: bytes or None (default)
+        self.memory = resources.FitMemoryPlan(grid_h * grid_w, cfg["embedding"]["dim"], input_hw, batch_size,
+                                              backbone_bytes, max_memory)
+        self._what = "fitting {} at {}x{}".format(cfg["backbone"]["name"], *input_hw)
+        self.memory.check(self._what)
+        self.accumulator = padim.GaussianAccumulator(grid_h * grid_w, cfg["embedding"]["dim"],
+                                                     chunk_bytes=self.memory.chunk_bytes)
         self.calibration = self.calibration_provenance = None
+        self._statistics = None  # (mean, whitening) once finalized
         self.warnings = []
+
+    def check_calibration_memory(self, folds, n_images):
+        """ConfigError before any work when the out-of-sample pass (``folds``: ``"n"``, K or 0) cannot fit the
+        memory budget: leave-one-out needs one image's embeddings at least, K-fold a whole fold's."""
+        folds = thresholds.parse_folds(folds)
+        if not folds or n_images < thresholds.MIN_IMAGES:
+            return
+        if folds == "n" or folds >= n_images:
+            self.memory.check(self._what + " with leave-one-out thresholds", 1, "one image")
+        else:
+            largest = -(-int(n_images) // int(folds))
+            self.memory.check(self._what + " with {}-fold thresholds".format(folds), largest,
+                              "a fold of {} images (--folds n needs one image's)".format(largest))
 
     @torch.no_grad()
     def embed(self, frames):
@@ -129,37 +149,55 @@ class PadimFitter:
 
         def distances():
             for batches in fold_batches:
-                held_out = padim.GaussianAccumulator(self.accumulator.num_patches, self.accumulator.dim)
-                embeddings = []
-                for frames in batches:
-                    progress.update(len(frames))
-                    embedding = self.embed(frames)
-                    held_out.update(embedding)
-                    embeddings.append(embedding.reshape(len(embedding), self.accumulator.dim, -1))
-                yield self.accumulator.held_out_distance(held_out, torch.cat(embeddings),
-                                                         self.config["padim"]["epsilon"])
+                embeddings = self._embed_all(batches, progress)
+                yield self.accumulator.held_out_distance(embeddings, self.config["padim"]["epsilon"])
+                del embeddings
 
         with progress:
             return self._map_stats(distances())
 
     def leave_one_out_scores(self, batches, desc="out-of-sample thresholds"):
         """Score every training image with the model fitted without it (exact, closed form: see
-        ``GaussianAccumulator.leave_one_out_distance``), streaming: memory is one packed ``[P, T]`` float64
-        whitening plus a batch.
+        ``GaussianAccumulator.leave_one_out_distance``), in groups of images whose embeddings fit the memory
+        budget (``memory.group_images``; each group costs one Cholesky sweep over the patches).
 
         batches: uint8 ``[B, H, W, 3]`` batches of images that all went through ``update``.
         Returns ``(scores [m], map_medians [m])`` float64, in the order given.
         """
-        whitening = self.accumulator.leave_one_out_whitening(self.config["padim"]["epsilon"])
+        group_size = self.memory.group_images(self.accumulator.count)
         progress = tqdm(total=self.accumulator.count, desc=desc, unit="img", leave=False)
 
-        def distances():
+        def groups():
+            group, held = [], 0
             for frames in batches:
-                progress.update(len(frames))
-                yield self.accumulator.leave_one_out_distance(self.embed(frames), whitening)
+                group.append(frames)
+                held += len(frames)
+                if held >= group_size:
+                    yield group
+                    group, held = [], 0
+            if group:
+                yield group
+
+        def distances():
+            for group in groups():
+                embeddings = self._embed_all(group, progress)
+                yield self.accumulator.leave_one_out_distance(embeddings, self.config["padim"]["epsilon"])
+                del embeddings
 
         with progress:
             return self._map_stats(distances())
+
+    def _embed_all(self, batches, progress):
+        """Embeddings of all frames of ``batches`` (uint8 ``[B, H, W, 3]`` each) as one ``[m, D, P]`` float32 tensor,
+        filled batch by batch into one allocation (no second copy of the group)."""
+        batches = [np.asarray(frames) for frames in batches]  # uint8 frames: small next to their embeddings
+        out = torch.empty(sum(len(f) for f in batches), self.accumulator.dim, self.accumulator.num_patches)
+        filled = 0
+        for frames in batches:
+            progress.update(len(frames))
+            out[filled:filled + len(frames)] = self.embed(frames).reshape(len(frames), self.accumulator.dim, -1)
+            filled += len(frames)
+        return out
 
     def calibrate_out_of_sample(self, load_images, n_images, folds=thresholds.DEFAULT_FOLDS,
                                 quantile=thresholds.DEFAULT_QUANTILE, seed=0):
@@ -183,6 +221,7 @@ class PadimFitter:
                                  "not be classified (use at least {}, or eval --calibrate on a labelled split)".format(
                                      n_images, thresholds.MIN_IMAGES))
             return None
+        self.check_calibration_memory(folds, n_images)
         if folds == "n" or folds >= n_images:
             scores, medians = self.leave_one_out_scores(load_images(np.arange(n_images)))
             method, folds = "padim-leave-one-out", n_images
@@ -208,11 +247,16 @@ class PadimFitter:
                 "it stable".format(n, dim, n - 1, dim, self.config["padim"]["epsilon"], dim + 1, 2 * dim))
 
     def bundle(self):
-        """Finish: Cholesky whitening of every patch covariance -> PadimBundle (with the calibration, if any)."""
+        """Finish: Cholesky whitening of every patch covariance -> PadimBundle (with the calibration, if any).
+
+        The whitening is computed once, in the memory of the float64 sums (``GaussianAccumulator.finalize``):
+        no more images can be added afterwards, and bundles made by later calls share it."""
         warning = self.covariance_warning()
         if warning and warning not in self.warnings:
             self.warnings.append(warning)
-        mean, whitening = self.accumulator.finalize(self.config["padim"]["epsilon"])
+        if self._statistics is None:  # the float32 whitening is written over the float64 sums: once
+            self._statistics = self.accumulator.finalize(self.config["padim"]["epsilon"], in_place=True)
+        mean, whitening = self._statistics
         config = dict(self.config)
         config["padim"] = dict(config["padim"], n_train=self.accumulator.count)
         thresholds.set_calibration(config, self.calibration, self.calibration_provenance)
@@ -221,7 +265,7 @@ class PadimFitter:
 
 
 def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0,
-              folds=thresholds.DEFAULT_FOLDS, quantile=thresholds.DEFAULT_QUANTILE, batch_size=16):
+              folds=thresholds.DEFAULT_FOLDS, quantile=thresholds.DEFAULT_QUANTILE, batch_size=16, max_memory=None):
     """Fit PaDiM on an iterable of uint8 ``[B, H, W, 3]`` batches (or ``(batch, paths)`` pairs).
 
     folds: ``"n"`` (leave-one-out) or K of the out-of-sample thresholds (0: none; the frames are then not
@@ -229,7 +273,7 @@ def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_
     ...) are issued with ``warnings.warn``.
     """
     folds, quantile = thresholds.parse_folds(folds), thresholds.check_quantile(quantile)  # before the long work
-    fitter = PadimFitter(backbone, weights, input_hw, dim, seed)
+    fitter = PadimFitter(backbone, weights, input_hw, dim, seed, batch_size, max_memory)
     kept = []
     for item in batches:
         frames = np.asarray(item[0] if isinstance(item, tuple) else item)

@@ -3,57 +3,94 @@
 Fit streams batches of embeddings into float64 running sums whose size depends only on ``P`` and
 ``D`` (``n``, ``sum [P, D]``, lower triangle of ``sum x xᵀ`` packed ``[P, T]``), so memory is
 flat in the number of training images and partial fits merge exactly (sums add).
+
+Everything that needs dense ``[p, D, D]`` matrices (covariances, Cholesky factors, whitening) works on
+patch chunks sized by a byte budget (``chunk_bytes`` per float64 temporary, ``CHUNK_BYTES`` by default),
+so temporaries stay around 100-200 MB whatever D is. ``finalize(in_place=True)`` writes the float32
+whitening over the float64 sums it has consumed, chunk by chunk: a WideResNet50 fit (P = 4096,
+D = 550) never holds more than its 4.96 GB of sums plus a few chunks.
 """
 import torch
+from tqdm import tqdm
 
-from edgead import packing
+from edgead import packing, resources
 from edgead.errors import DataError
 
 EPSILON = 0.01
-#: Bytes of float64 ``[chunk, D, D]`` temporaries one patch chunk may use while whitening (covariance,
-#: Cholesky factor, inverse): D = 100 gives the full 1024-patch chunk, D = 550 (WideResNet50) 110 patches.
-CHUNK_BYTES = 256 << 20
+#: Bytes of one float64 ``[chunk, D, D]`` temporary (dense covariance, Cholesky factor, whitening); a chunk holds
+#: about four at once (``resources.CHUNK_TEMPORARIES``). D = 100: 1677 patches per chunk; D = 550 (WideResNet50): 55.
+CHUNK_BYTES = 128 << 20
+
+
+def chunk_patches(dim, chunk_bytes=CHUNK_BYTES, limit=None):
+    """Patches per chunk: as many float64 ``[D, D]`` matrices as fit ``chunk_bytes`` (at least one), at most ``limit``."""
+    size = max(1, int(chunk_bytes) // (8 * dim * dim))
+    return size if limit is None else max(1, min(size, int(limit)))
 
 
 class GaussianAccumulator:
     """Running float64 sums for per-patch Gaussians.
 
     ``count``: images seen; ``sum``: ``[P, D]`` float64; ``outer_packed``: ``[P, T]`` float64 (lower
-    triangle of ``Σ_n x xᵀ`` per patch).
+    triangle of ``Σ_n x xᵀ`` per patch). ``chunk_bytes`` bounds each ``[p, D, D]`` float64 temporary;
+    ``patch_chunk`` (optional) caps the patches per chunk.
     """
 
-    def __init__(self, num_patches, dim, patch_chunk=1024):
+    def __init__(self, num_patches, dim, patch_chunk=None, chunk_bytes=CHUNK_BYTES):
         self.num_patches = int(num_patches)
         self.dim = int(dim)
         self.count = 0
         self.sum = torch.zeros(self.num_patches, self.dim, dtype=torch.float64)
         self.outer_packed = torch.zeros(self.num_patches, packing.packed_length(self.dim), dtype=torch.float64)
         rows, cols = packing.tril_indices(self.dim)
-        self._flat_tril = torch.from_numpy(rows * self.dim + cols)
+        self._flat_tril = torch.from_numpy(rows * self.dim + cols)  # dense [D*D] position of packed entry t
+        self._flat_triu = torch.from_numpy(cols * self.dim + rows)  # its mirror above the diagonal
         self.patch_chunk = patch_chunk
+        self.chunk_bytes = int(chunk_bytes)
+        self.finalized = False
 
-    def chunks(self):
-        """``(start, stop)`` patch ranges of at most ``patch_chunk`` patches and ``CHUNK_BYTES`` of ``[p, D, D]``
-        float64 each."""
-        size = max(1, min(self.patch_chunk, CHUNK_BYTES // (8 * self.dim * self.dim)))
-        for start in range(0, self.num_patches, size):
-            yield start, min(start + size, self.num_patches)
+    @property
+    def nbytes(self):
+        """Bytes of the running sums (what stays allocated for the whole fit)."""
+        return self.sum.nbytes + self.outer_packed.nbytes
+
+    def chunks(self, desc=None):
+        """``(start, stop)`` patch ranges whose ``[p, D, D]`` float64 temporaries fit ``chunk_bytes`` each.
+
+        desc: show a progress bar (patches) with this label when there is more than one chunk."""
+        size = chunk_patches(self.dim, self.chunk_bytes, self.patch_chunk)
+        ranges = [(start, min(start + size, self.num_patches)) for start in range(0, self.num_patches, size)]
+        if desc is None or len(ranges) < 2:
+            yield from ranges
+            return
+        with tqdm(total=self.num_patches, desc=desc, unit="patch", leave=False) as progress:
+            for start, stop in ranges:
+                yield start, stop
+                progress.update(stop - start)
+
+    def _check_open(self):
+        if self.finalized:
+            raise RuntimeError("the sums were finalized in place (their memory now holds the whitening)")
 
     def update(self, embedding):
         """Add a batch. embedding: ``[N, D, h, w]`` or ``[N, D, P]`` float tensor (any device)."""
-        batch = embedding.detach().reshape(embedding.shape[0], self.dim, -1).to("cpu", torch.float64)
+        self._check_open()
+        batch = embedding.detach().reshape(embedding.shape[0], self.dim, -1)
         if batch.shape[2] != self.num_patches:
             raise ValueError("embedding has {} patches, expected {}".format(batch.shape[2], self.num_patches))
-        by_patch = batch.permute(2, 0, 1)  # [P, N, D]
-        self.sum += by_patch.sum(dim=1)
+        batch = batch.to("cpu")  # [N, D, P], float64 a chunk at a time (no float64 copy of the whole batch)
+        self.sum += batch.sum(dim=0, dtype=torch.float64).T
         for start, stop in self.chunks():
-            chunk = by_patch[start:stop]
+            chunk = _by_patch(batch, start, stop)  # [p, N, D] float64
             outer = torch.bmm(chunk.transpose(1, 2), chunk)  # [p, D, D]
-            self.outer_packed[start:stop] += outer.reshape(len(chunk), -1)[:, self._flat_tril]
+            self.outer_packed[start:stop] += outer.view(stop - start, -1)[:, self._flat_tril]
+            del outer
         self.count += batch.shape[0]
 
     def merge(self, other):
         """Add another accumulator's sums (exact: partial fits on disjoint image sets combine)."""
+        self._check_open()
+        other._check_open()
         if (other.num_patches, other.dim) != (self.num_patches, self.dim):
             raise ValueError("cannot merge accumulators of different shapes")
         self.count += other.count
@@ -61,103 +98,137 @@ class GaussianAccumulator:
         self.outer_packed += other.outer_packed
         return self
 
-    def mean(self, minus=None):
-        """``[P, D]`` float64; ``minus``: an accumulator of held-out images whose sums are taken out."""
-        count, total, _ = self._sums(minus)
-        return total / count
+    def mean(self):
+        """``[P, D]`` float64."""
+        return self.sum / self.count
 
-    def _sums(self, minus, start=0, stop=None):
-        """(count, sum ``[P, D]``, outer_packed ``[p, T]`` for patches ``start:stop``) without ``minus``'s images."""
-        outer = self.outer_packed[start:stop]
-        if minus is None:
-            return self.count, self.sum, outer
-        if (minus.num_patches, minus.dim) != (self.num_patches, self.dim):
-            raise ValueError("cannot subtract accumulators of different shapes")
-        return self.count - minus.count, self.sum - minus.sum, outer - minus.outer_packed[start:stop]
+    def _dense_outer(self, start, stop):
+        """``Σ x xᵀ`` of patches ``start:stop`` as dense symmetric ``[p, D, D]`` float64 (one chunk temporary)."""
+        self._check_open()
+        packed = self.outer_packed[start:stop]
+        dense = packed.new_empty(stop - start, self.dim * self.dim)
+        dense.index_copy_(1, self._flat_triu, packed)
+        dense.index_copy_(1, self._flat_tril, packed)  # the diagonal is in both: same value
+        return dense.view(stop - start, self.dim, self.dim)
 
-    def covariance(self, start=0, stop=None, epsilon=EPSILON, minus=None, scale=1.0):
+    def covariance(self, start=0, stop=None, epsilon=EPSILON, scale=1.0, held_out=None):
         """Unbiased per-patch covariance ``S``, returned as ``scale · S + εI`` for patches ``start:stop``:
-        ``[p, D, D]`` float64.
+        ``[p, D, D]`` float64, built in one chunk temporary.
 
-        minus: an accumulator of a subset of the images (a held-out fold); the covariance is then the
-        one of the remaining images, exact, because the statistics are sums.
+        held_out: ``[m, D, P]`` embeddings of images that went into the sums (a held-out fold); the
+        covariance is then the one of the remaining images, exact, because the statistics are sums.
         """
-        count, total, outer = self._sums(minus, start, stop)
+        stop = self.num_patches if stop is None else stop
+        count, total = self.count, self.sum[start:stop]
+        cov = self._dense_outer(start, stop)
+        if held_out is not None:
+            fold = _by_patch(held_out, start, stop)  # [p, m, D]
+            cov.baddbmm_(fold.transpose(1, 2), fold, alpha=-1.0)
+            count, total = count - fold.shape[1], total - fold.sum(dim=1)
         if count < 2:
             raise DataError("PaDiM needs at least 2 training images, got {}".format(count))
-        outer = torch.from_numpy(packing.unpack_lower(outer.numpy()))
-        outer = outer + outer.transpose(1, 2) - torch.diag_embed(torch.diagonal(outer, dim1=1, dim2=2))
-        mean = (total / count)[start:stop]
-        cov = (outer - count * mean[:, :, None] * mean[:, None, :]) * (scale / (count - 1))
-        return cov + epsilon * torch.eye(self.dim, dtype=torch.float64)
+        mean = total / count  # [p, D]
+        cov.baddbmm_(mean[:, :, None], mean[:, None, :], alpha=-float(count))  # Σ x xᵀ - n μ μᵀ
+        cov.mul_(scale / (count - 1))
+        cov.diagonal(dim1=1, dim2=2).add_(epsilon)
+        return cov
 
-    def held_out_distance(self, held_out, embedding, epsilon=EPSILON):
+    def held_out_distance(self, held_out, epsilon=EPSILON):
         """Mahalanobis distance of held-out images under the model fitted without them.
 
-        held_out: accumulator of exactly the images in ``embedding`` (already added to ``self``);
-        embedding: ``[m, D, P]`` float. Returns ``[m, P]`` float64, patch chunk by patch chunk
-        (memory ``O(chunk · D²)``, no full whitening kept).
+        held_out: ``[m, D, P]`` (or ``[m, D, h, w]``) float embeddings of exactly the images of one fold, all
+        already added to these sums. Returns ``[m, P]`` float64, patch chunk by patch chunk (memory: the
+        fold's embeddings plus a chunk; no full whitening kept).
         """
-        embedding = embedding.reshape(embedding.shape[0], self.dim, -1).to(torch.float64)
-        mean = self.mean(minus=held_out)
-        out = torch.empty(embedding.shape[0], self.num_patches, dtype=torch.float64)
-        for start, stop in self.chunks():
-            whitening = whitening_from_covariance(self.covariance(start, stop, epsilon, minus=held_out))
-            out[:, start:stop] = mahalanobis(embedding[:, :, start:stop], mean[start:stop], whitening)
+        held_out = held_out.reshape(held_out.shape[0], self.dim, -1)
+        rest_mean = (self.sum - held_out.to(torch.float64).sum(dim=0).T) / (self.count - held_out.shape[0])
+        out = torch.empty(held_out.shape[0], self.num_patches, dtype=torch.float64)
+        for start, stop in self.chunks("held-out covariances"):
+            chol = _cholesky(self.covariance(start, stop, epsilon, held_out=held_out))
+            centred = _by_patch(held_out, start, stop) - rest_mean[start:stop, None, :]  # [p, m, D]
+            out[:, start:stop] = _whitened_norm2(chol, centred).sqrt().T
         return out
 
-    def leave_one_out_whitening(self, epsilon=EPSILON):
-        """Packed ``[P, T]`` float64 ``W = L⁻¹`` of ``A = (n-1)/(n-2) · S + εI`` (``leave_one_out_distance``)."""
-        if self.count < 3:
-            raise DataError("leave-one-out scores need at least 3 training images, got {}".format(self.count))
-        return self._packed_whitening(epsilon, scale=(self.count - 1) / (self.count - 2))
-
-    def _packed_whitening(self, epsilon, scale=1.0):
-        """Packed ``[P, T]`` float64 ``L⁻¹`` of ``scale · S + εI`` for every patch, chunk by chunk."""
-        packed = torch.empty(self.num_patches, packing.packed_length(self.dim), dtype=torch.float64)
-        for start, stop in self.chunks():
-            whitening = whitening_from_covariance(self.covariance(start, stop, epsilon, scale=scale))
-            packed[start:stop] = whitening.reshape(stop - start, -1)[:, self._flat_tril]
-        return packed
-
-    def leave_one_out_distance(self, embedding, loo_whitening):
+    def leave_one_out_distance(self, embedding, epsilon=EPSILON):
         """Exact Mahalanobis distance of training images under the model fitted without each of them.
 
-        embedding: ``[m, D, P]`` of images that are part of this fit; loo_whitening: from
-        ``leave_one_out_whitening``. Returns ``[m, P]`` float64.
+        embedding: ``[m, D, P]`` (or ``[m, D, h, w]``) of images that are part of these sums. Returns ``[m, P]``
+        float64; memory: the m embeddings plus a chunk (one Cholesky sweep over the patches per call, so
+        pass images in groups as large as memory allows).
 
         Without image i (n images, mean μ, unbiased covariance S, ``d = x_i - μ``), the mean moves to
         ``μ - d/(n-1)``, so ``x_i - μ₋ᵢ = n/(n-1) · d``, and ``(n-2)·S₋ᵢ = (n-1)·S - n/(n-1) · d dᵀ``.
         Hence ``S₋ᵢ + εI = A - c · d dᵀ`` with ``A = (n-1)/(n-2) · S + εI`` and ``c = n/((n-1)(n-2))``, and
-        Sherman-Morrison gives ``dᵀ(A - c ddᵀ)⁻¹d = q / (1 - c q)`` with ``q = dᵀA⁻¹d``. The squared
-        distance is ``(n/(n-1))² · q / (1 - c q)``. It costs one Cholesky per patch for all n images, where
-        refitting would cost n.
+        Sherman-Morrison gives ``dᵀ(A - c ddᵀ)⁻¹d = q / (1 - c q)`` with ``q = dᵀA⁻¹d = ||L⁻¹d||²``
+        (``A = L Lᵀ``). The squared distance is ``(n/(n-1))² · q / (1 - c q)``: one Cholesky per patch for
+        all n images, where refitting would cost n.
         """
         n = self.count
-        embedding = embedding.reshape(embedding.shape[0], self.dim, -1).to(torch.float64)
+        if n < 3:
+            raise DataError("leave-one-out scores need at least 3 training images, got {}".format(n))
+        embedding = embedding.reshape(embedding.shape[0], self.dim, -1)
         mean, c = self.mean(), n / ((n - 1.0) * (n - 2.0))
         out = torch.empty(embedding.shape[0], self.num_patches, dtype=torch.float64)
-        for start, stop in self.chunks():
-            dense = dense_whitening(loo_whitening[start:stop])
-            q = mahalanobis(embedding[:, :, start:stop], mean[start:stop], dense).pow(2)
-            out[:, start:stop] = (n / (n - 1.0)) * torch.sqrt(q / (1.0 - c * q))
+        for start, stop in self.chunks("leave-one-out covariances"):
+            chol = _cholesky(self.covariance(start, stop, epsilon, scale=(n - 1.0) / (n - 2.0)))
+            q = _whitened_norm2(chol, _by_patch(embedding, start, stop) - mean[start:stop, None, :])  # [p, m]
+            out[:, start:stop] = ((n / (n - 1.0)) * torch.sqrt(q / (1.0 - c * q))).T
         return out
 
-    def finalize(self, epsilon=EPSILON):
-        """Return ``(mean [P, D] float32, whitening_packed [P, T] float32)`` with ``W = L^-1``, ``Σ+εI = L Lᵀ``."""
-        return self.mean().to(torch.float32), self._packed_whitening(epsilon).to(torch.float32)
+    def finalize(self, epsilon=EPSILON, in_place=False):
+        """Return ``(mean [P, D] float32, whitening_packed [P, T] float32)`` with ``W = L^-1``, ``Σ+εI = L Lᵀ``.
+
+        in_place: write the float32 whitening into the first half of the float64 sums' memory, chunk by
+        chunk (each chunk is read before the bytes it lands on are written: float32 row p lies in the bytes
+        of float64 rows p/2 .. (p+1)/2), then give the second half's pages back to the system: no second
+        full-size array is ever allocated. The accumulator is spent afterwards (``finalized``).
+        """
+        self._check_open()
+        num_patches, length = self.outer_packed.shape
+        mean = self.mean().to(torch.float32)
+        if in_place:
+            result = self.outer_packed.view(-1).view(torch.float32)[:num_patches * length].view(num_patches, length)
+        else:
+            result = torch.empty(num_patches, length, dtype=torch.float32)
+        for start, stop in self.chunks("whitening"):
+            whitening = whitening_from_covariance(self.covariance(start, stop, epsilon))
+            result[start:stop] = whitening.view(stop - start, -1)[:, self._flat_tril]
+            del whitening
+        if in_place:
+            self.finalized = True
+            storage = self.outer_packed
+            self.outer_packed = None  # the storage lives on in ``result``
+            resources.release_pages(storage.data_ptr() + result.nbytes, storage.nbytes - result.nbytes)
+        return mean, result
+
+
+def _by_patch(embedding, start, stop):
+    """``[m, D, P]`` float -> ``[p, m, D]`` float64 for patches ``start:stop``."""
+    return embedding[:, :, start:stop].to(torch.float64).permute(2, 0, 1)
+
+
+def _cholesky(cov):
+    """Lower Cholesky factor of ``[p, D, D]`` SPD float64; DataError when a patch is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info.max()) > 0:
+        raise DataError("a patch covariance is not positive definite; are the training images constant?")
+    return chol
+
+
+def _whitened_norm2(chol, centred):
+    """``||L⁻¹ d||²`` for ``chol [p, D, D]`` lower, ``centred [p, m, D]`` -> ``[p, m]`` float64."""
+    solved = torch.linalg.solve_triangular(chol, centred.transpose(1, 2), upper=False)  # [p, D, m]
+    return solved.pow(2).sum(dim=1)
 
 
 def whitening_from_covariance(cov):
     """``[p, D, D]`` float64 SPD -> lower-triangular ``W = L^-1`` float64, where ``cov = L Lᵀ``.
 
-    ``||W (x - μ)||² = (x - μ)ᵀ cov⁻¹ (x - μ)``.
+    ``||W (x - μ)||² = (x - μ)ᵀ cov⁻¹ (x - μ)``. ``cov``'s memory is reused for the result.
     """
-    chol, info = torch.linalg.cholesky_ex(cov)
-    if int(info.max()) > 0:
-        raise DataError("a patch covariance is not positive definite; are the training images constant?")
+    chol = _cholesky(cov)
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype).expand_as(cov)
-    return torch.linalg.solve_triangular(chol, eye, upper=False)
+    return torch.linalg.solve_triangular(chol, eye, upper=False, out=cov)
 
 
 def dense_whitening(whitening_packed):

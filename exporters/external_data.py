@@ -18,6 +18,11 @@ model that no .onnx in the folder names any more, and temp files of killed expor
 folder is ``flock``-ed for the duration (readers, ``OrtEngine``, take a shared lock while loading).
 ``atomic.fault_point`` marks each step for the crash tests.
 
+Streamed initializers (``write_model(..., sources=...)``, ``edgead.exporters.streaming``): placeholder tensors
+whose bytes come chunk by chunk from a source, never whole in memory: into the data file as above, or, inline,
+into the .onnx by protobuf framing (``_write_framed``), checked through a temp file holding the graph with those
+tensors referenced as external data inside the written .onnx (``_check_framed``).
+
 A file that already has the content-addressed name is reused when it is byte-identical (a re-export of the
 same weights) and otherwise refused (ExportError; never replaced). Clean-up removes only files that have
 this model's name pattern *and* start with ``MAGIC``, and never one that another .onnx file in the folder
@@ -35,6 +40,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from edgead import atomic
 from edgead.errors import ExportError
+from edgead.exporters import streaming
 from edgead.runtime.engine_files import sha256_file
 
 MODES = ("auto", "always", "never")
@@ -79,16 +85,20 @@ def tensor_nbytes(tensor):
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def estimate_model_bytes(model):
+def estimate_model_bytes(model, sources=None):
     """Serialized size of ``model`` in bytes, estimated without serializing it (upb's ``ByteSize`` would build
     the whole string, and fails above 2 GiB): initializers of 1 MiB and more count their data bytes (dims x
     item size) plus 64 bytes per dim and name; everything else is measured exactly, plus 8 bytes per entry of
-    framing. Tensors already stored externally count only their proto."""
+    framing. Tensors already stored externally count only their proto. sources: ``{name: TensorSource}`` of
+    placeholder initializers (``streaming``), counted with the bytes their source will give them."""
     graph = model.graph
+    sources = sources or {}
     total = 4096
     for tensor in graph.initializer:
         nbytes = tensor_nbytes(tensor)
-        if nbytes < _EXACT_SIZE_BELOW or external_data_helper.uses_external_data(tensor):
+        if tensor.name in sources:
+            total += tensor.ByteSize() + sources[tensor.name].nbytes + 16
+        elif nbytes < _EXACT_SIZE_BELOW or external_data_helper.uses_external_data(tensor):
             total += tensor.ByteSize() + 8
         else:
             total += nbytes + len(tensor.name.encode("utf-8")) + 64 * (len(tensor.dims) + 1)
@@ -152,12 +162,24 @@ def _temp_target(out_path):
     return os.fspath(out_path) + ".data"
 
 
-def _goes_external(tensor):
+def _goes_external(tensor, sources=None):
+    if sources and tensor.name in sources:
+        return sources[tensor.name].nbytes >= INLINE_LIMIT
     return (tensor.HasField("raw_data") and not external_data_helper.uses_external_data(tensor)
             and tensor.data_type != TensorProto.STRING and tensor_nbytes(tensor) >= INLINE_LIMIT)
 
 
-def write_model(model, out_path, mode="auto", check=True):
+def _point_at(tensor, location, offset, length):
+    """``external_data_helper.set_external_data`` for a tensor that may hold no ``raw_data`` (a placeholder)."""
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", int(offset)), ("length", int(length))):
+        entry = tensor.external_data.add()
+        entry.key = key
+        entry.value = str(value)
+
+
+def write_model(model, out_path, mode="auto", check=True, sources=None):
     """Write ``model`` to ``out_path`` (see module doc). Returns the data file name, or None when inline.
 
     mode: ``auto`` | ``always`` | ``never`` (``wants_external``); ``always`` on a model without a tensor of
@@ -165,17 +187,29 @@ def write_model(model, out_path, mode="auto", check=True):
     temp file when external) before the switch. With external data the big initializers of ``model`` are
     changed in place to point at the data file (``raw_data`` cleared); load them back with
     ``onnx.load_external_data_for_model(model, folder)``. A failure leaves no new file behind.
+
+    sources: ``{initializer name: streaming.TensorSource}`` for placeholder initializers of ``model`` (name,
+    dims, type, no data: ``onnx_export.build_onnx_streamed``). Their bytes are streamed chunk by chunk, never
+    held whole: into the data file, or, inline, into the .onnx by protobuf framing (``_write_framed``; the
+    placeholders stay without data in ``model``), which is then checked as the graph with those tensors
+    referenced where they lie in the written temp file (``onnx.checker`` reading the whole file would need
+    twice its size in memory).
     """
     out_path = os.fspath(out_path)
-    external = wants_external(mode, estimate_model_bytes(model), out_path)
-    if external and not any(_goes_external(t) for t in model.graph.initializer):
+    sources = streaming.check_sources(model, sources)
+    external = wants_external(mode, estimate_model_bytes(model, sources), out_path)
+    if external and not any(_goes_external(t, sources) for t in model.graph.initializer):
         external = False
+    if external:  # placeholders under INLINE_LIMIT stay in the .onnx: give them their (few) bytes now
+        small = {name: s for name, s in sources.items() if not s.nbytes >= INLINE_LIMIT}
+        streaming.materialize(model, small)
+        sources = {name: s for name, s in sources.items() if name not in small}
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
     with atomic.locked(folder):  # one export of this folder at a time; readers hold it shared while loading
         atomic.remove_stale_temps(_temp_target(out_path))
         if external:
-            data_name, created = _write_data_file(model, out_path)
+            data_name, created = _write_data_file(model, out_path, sources)
             try:
                 rest = estimate_model_bytes(model)
                 if rest > THRESHOLD_BYTES:
@@ -187,6 +221,7 @@ def write_model(model, out_path, mode="auto", check=True):
                         fh.write(blob)
                         fh.flush()
                         os.fsync(fh.fileno())
+                    del blob
                     if check:
                         check_onnx(tmp)  # through the file: it names the data file, renamed into place already
             except BaseException:
@@ -194,6 +229,12 @@ def write_model(model, out_path, mode="auto", check=True):
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(folder, data_name))
                 raise
+        elif sources:
+            data_name = None
+            with atomic.atomic_path(out_path) as tmp:
+                placements = _write_framed(model, sources, tmp)
+                if check:
+                    _check_framed(model, tmp, placements, out_path)
         else:
             data_name = None
             blob = model.SerializeToString()
@@ -205,11 +246,99 @@ def write_model(model, out_path, mode="auto", check=True):
     return data_name
 
 
-def _write_data_file(model, out_path):
+def _write_chunks(fh, digest, source):
+    """Write ``source``'s chunks to ``fh`` (and ``digest``, when given); ValueError unless exactly ``nbytes``."""
+    written = 0
+    for chunk in source.chunks():
+        fh.write(chunk)
+        if digest is not None:
+            digest.update(chunk)
+        written += len(chunk)
+        if written > source.nbytes:
+            break
+    if written != source.nbytes:
+        raise ValueError("tensor source gave {} bytes, its dims and type say {}".format(written, source.nbytes))
+    return written
+
+
+def _write_framed(model, sources, path):
+    """Write ``model`` to ``path`` with the placeholders' bytes streamed from ``sources``; returns
+    ``[(name, offset, length)]`` of each streamed tensor's raw bytes in the file.
+
+    Layout: the model serialized without its initializers from the first placeholder on (the *tail*), then one
+    more ``graph`` field (ModelProto field 7) holding the tail in order as ``initializer`` entries (GraphProto
+    field 5), each placeholder written as its own fields followed by ``raw_data`` (TensorProto field 9) with the
+    bytes streamed in. Protobuf merges a message field that occurs twice (repeated fields concatenate), so
+    parsing gives the very model ``streaming.materialize`` would have built, initializer order included.
+    """
+    graph = model.graph
+    names = [t.name for t in graph.initializer]
+    first = min(names.index(name) for name in sources)
+    tail = [graph.initializer[i] for i in range(first, len(names))]
+    saved = [t.SerializeToString() for t in tail]  # placeholders and small tensors: cheap
+    entries = []  # (name, bytes before the raw data, source or None)
+    for tensor, blob in zip(tail, saved):
+        source = sources.get(tensor.name)
+        entries.append((tensor.name, streaming.framed_tensor_head(tensor, source.nbytes) if source else blob, source))
+    del tail
+    sizes = [len(head) + (source.nbytes if source else 0) for _, head, source in entries]
+    graph_bytes = sum(len(streaming.length_delimited(streaming.GRAPH_INITIALIZER_FIELD, size)) + size
+                      for size in sizes)
+    del graph.initializer[first:]
+    try:
+        rest = model.SerializeToString()
+    finally:
+        for blob in saved:  # the model is left as it came
+            graph.initializer.add().ParseFromString(blob)
+    placements = []
+    with open(path, "wb") as fh:
+        fh.write(rest)
+        position = len(rest)
+        del rest
+        prefix = streaming.length_delimited(streaming.MODEL_GRAPH_FIELD, graph_bytes)
+        fh.write(prefix)
+        position += len(prefix)
+        for (name, head, source), size in zip(entries, sizes):
+            prefix = streaming.length_delimited(streaming.GRAPH_INITIALIZER_FIELD, size) + head
+            fh.write(prefix)
+            position += len(prefix)
+            if source is not None:
+                placements.append((name, position, source.nbytes))
+                position += _write_chunks(fh, None, source)
+        fh.flush()
+        os.fsync(fh.fileno())
+        if fh.tell() != position:
+            raise ExportError("{}: wrote {} bytes, expected {}".format(path, fh.tell(), position))
+    return placements
+
+
+def _check_framed(model, path, placements, out_path):
+    """``onnx.checker`` (full check) for an inline model written to ``path`` by ``_write_framed``, without
+    reading its big tensors: the graph is checked as a small model whose placeholders name their bytes inside
+    ``path`` as external data (location, offset, length), written to a temp file of ``out_path`` next to it and
+    checked through that."""
+    by_name = {t.name: t for t in model.graph.initializer}
+    try:
+        for name, offset, length in placements:
+            _point_at(by_name[name], os.path.basename(path), offset, length)
+        with atomic.temp_path(out_path) as skeleton:
+            with open(skeleton, "wb") as fh:
+                fh.write(model.SerializeToString())
+            check_onnx(skeleton)
+    finally:
+        for name, _, _ in placements:
+            tensor = by_name[name]
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+
+
+def _write_data_file(model, out_path, sources=None):
     """Stream the big initializers to a temp file (hashing as it goes), rename it to its content-addressed
-    name, then point the tensors at it. Returns (name, created: False when an identical file was there)."""
+    name, then point the tensors at it. Returns (name, created: False when an identical file was there).
+    Placeholders named in ``sources`` get their bytes from their source, chunk by chunk."""
+    sources = sources or {}
     folder = os.path.dirname(os.path.abspath(out_path))
-    tensors = [t for t in model.graph.initializer if _goes_external(t)]
+    tensors = [t for t in model.graph.initializer if _goes_external(t, sources)]
     digest = hashlib.sha256()
     placements = []
     with atomic.temp_path(_temp_target(out_path)) as tmp:
@@ -224,15 +353,19 @@ def _write_data_file(model, out_path):
                     fh.write(b"\0" * pad)
                     digest.update(b"\0" * pad)
                     position += pad
-                raw = tensor.raw_data  # one copy of this tensor at a time, never of the whole model
-                view = memoryview(raw)
-                for start in range(0, len(view), _CHUNK):
-                    chunk = view[start:start + _CHUNK]
-                    fh.write(chunk)
-                    digest.update(chunk)
-                placements.append((tensor, position, len(view)))
-                position += len(view)
-                del view, raw
+                if tensor.name in sources:
+                    length = _write_chunks(fh, digest, sources[tensor.name])
+                else:
+                    raw = tensor.raw_data  # one copy of this tensor at a time, never of the whole model
+                    view = memoryview(raw)
+                    for start in range(0, len(view), _CHUNK):
+                        chunk = view[start:start + _CHUNK]
+                        fh.write(chunk)
+                        digest.update(chunk)
+                    length = len(view)
+                    del view, raw
+                placements.append((tensor, position, length))
+                position += length
             fh.flush()
             os.fsync(fh.fileno())
         atomic.set_default_mode(tmp, like=out_path)
@@ -249,7 +382,7 @@ def _write_data_file(model, out_path):
                               "replace it (move it away and export again)".format(final))
         atomic.fault_point("onnx_export.data-renamed")
     for tensor, offset, length in placements:
-        external_data_helper.set_external_data(tensor, name, offset, length)
+        _point_at(tensor, name, offset, length)
         tensor.ClearField("raw_data")
     return name, created
 

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from edgead.bundle import FORMAT_VERSION
 from edgead.errors import ExportError
 from edgead.exporters import external_data as external_data_lib
-from edgead.exporters import onnx_head
+from edgead.exporters import onnx_head, streaming
 from edgead.runtime import schema
 
 OPSET = 17
@@ -65,7 +65,22 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     of the standard-op Mahalanobis (see ``onnx_head.mahalanobis_standard_ops``). check: run the full
     ``onnx.checker`` in memory, which only models below ``external_data.THRESHOLD_BYTES`` can take (one
     protobuf string); larger ones are checked through the file ``export_onnx`` writes.
+
+    The model holds every byte in memory (the statistics included): ``build_onnx_streamed`` and
+    ``streaming.materialize``, the one implementation ``export_onnx`` streams from instead.
     """
+    model, sources = build_onnx_streamed(bundle, mahalanobis, precision, batch, input_dtype, blocks)
+    streaming.materialize(model, sources)
+    if check and external_data_lib.estimate_model_bytes(model) <= external_data_lib.THRESHOLD_BYTES:
+        external_data_lib.check_onnx(model)
+    return model
+
+
+def build_onnx_streamed(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):
+    """``(model, sources)``: the ModelProto of ``build_onnx`` with the packed whitening initializer as a
+    placeholder (name, dims, type, no data) and ``sources`` = ``{its name: streaming.TensorSource}``, which
+    reads the bundle's statistics block by block (``PadimBundle.iter_whitening_rows``: a lazy bundle reads its
+    weights file) and converts each block to the stored type. Nothing is checked or written here."""
     batch = parse_batch(batch)
     if input_dtype not in ("uint8", "float32"):
         raise ExportError("input dtype must be uint8 or float32, not {!r}".format(input_dtype))
@@ -78,9 +93,9 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     height, width = bundle.input_hw
     with torch.no_grad():
         model = _export_front_end(bundle.frame_embedding(prune_deepest=True), (height, width), batch, input_dtype)
-    nodes, initializers = onnx_head.build_head(
-        "embedding", cfg, bundle.mean.numpy(), bundle.whitening_packed.numpy(), mahalanobis, precision,
-        OUTPUT_MAP, OUTPUT_SCORE, blocks,
+    whitening = streaming.FunctionRows(bundle.whitening_shape, bundle.iter_whitening_rows)
+    nodes, initializers, sources = onnx_head.build_head_streamed(
+        "embedding", cfg, bundle.mean.numpy(), whitening, mahalanobis, precision, OUTPUT_MAP, OUTPUT_SCORE, blocks,
     )
     graph = model.graph
     graph.node.extend(nodes)
@@ -100,9 +115,7 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
     model.producer_name = "edgead"
     model.doc_string = "edgead PaDiM ({}, {}x{}): uint8 RGB [N,H,W,3] -> anomaly_map, score".format(
         cfg["backbone"]["name"], height, width)
-    if check and external_data_lib.estimate_model_bytes(model) <= external_data_lib.THRESHOLD_BYTES:
-        external_data_lib.check_onnx(model)
-    return model
+    return model, sources
 
 
 def metadata_text(meta, bundle_path=None):
@@ -125,12 +138,17 @@ def export_onnx(bundle, out_path, mahalanobis="onnx", precision="fp16", batch=1,
     external_data: ``auto`` (tensors of 1 KiB and more go to ``<out name>.<sha16>.data`` next to the .onnx
     when the model would exceed ``external_data.THRESHOLD_BYTES``, 1.8 GiB), ``always`` or ``never`` (an
     ExportError for a model that large). With external data the returned model's large initializers name
-    the data file instead of holding their bytes (``external_data.external_locations(model)``).
+    the data file instead of holding their bytes (``external_data.external_locations(model)``); inline, the
+    packed whitening initializer holds none either (its bytes went to the file).
     See ``edgead.exporters.external_data`` for the files and the steps.
+
+    Memory: the packed whitening is never held whole, neither as float32 nor in its stored type: it is
+    read from the bundle block by block (``load_bundle(..., lazy_statistics=True)`` keeps it on disk),
+    converted per block and streamed into the file (``streaming``, ``external_data.write_model``).
     """
     external_data_lib.check_mode(external_data)  # before the long trace
-    model = build_onnx(bundle, mahalanobis, precision, batch, input_dtype, blocks, check=False)
-    external_data_lib.write_model(model, out_path, external_data, check=True)
+    model, sources = build_onnx_streamed(bundle, mahalanobis, precision, batch, input_dtype, blocks)
+    external_data_lib.write_model(model, out_path, external_data, check=True, sources=sources)
     return model
 
 

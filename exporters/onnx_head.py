@@ -10,12 +10,18 @@ Mirrors ``edgead.model.PadimHead`` op for op, with only TensorRT-parser-friendly
 - ``plugin``: one ``edgead::PadimMahalanobis`` node (our CUDA kernel in TensorRT, our CPU kernel in
   ONNX Runtime through ``libedgead_ort.so``) taking
   ``(embedding [N, D, P], mean [P, D], whitening_packed [P, T])`` -> ``distance [N, P]``.
+
+The packed whitening is the one large tensor (2.48 GB fp32 for wide_resnet50_2): it is taken as rows
+(``edgead.exporters.streaming``: an array, or a bundle's row stream) and, in a streamed build
+(``build_head_streamed``), enters the graph as a placeholder whose bytes a ``TensorSource`` yields chunk by
+chunk (fp16 converted per chunk), so the export never holds a copy of it.
 """
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from edgead import blur, packing
 from edgead.errors import ExportError
+from edgead.exporters import streaming
 from edgead.runtime.cuda_kernel import MAX_DIM
 
 PLUGIN_DOMAIN = "edgead"
@@ -24,16 +30,34 @@ PLUGIN_VERSION = "1"
 
 
 class _GraphBuilder:
-    """Collects nodes and initializers with unique, readable names."""
+    """Collects nodes and initializers with unique, readable names.
 
-    def __init__(self, prefix):
+    stream: large row tensors (``rows_const``) stay placeholders, their ``TensorSource`` in ``sources``
+    (``{name: source}``); otherwise they get their bytes at once (the same bytes).
+    """
+
+    def __init__(self, prefix, stream=False):
         self.prefix = prefix
+        self.stream = stream
         self.nodes = []
         self.initializers = []
+        self.sources = {}
 
     def const(self, name, array):
         full = self.prefix + name
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), full))
+        return full
+
+    def rows_const(self, name, rows, dtype):
+        """A ``[rows, cols]`` initializer stored as ``dtype`` from ``rows`` (an array or a row stream)."""
+        full = self.prefix + name
+        source = streaming.TensorSource(rows, dtype)
+        tensor = streaming.placeholder(full, source)
+        if self.stream:
+            self.sources[full] = source
+        else:
+            streaming.fill(tensor, source)
+        self.initializers.append(tensor)
         return full
 
     def node(self, op_type, inputs, name, domain=None, **attrs):
@@ -60,7 +84,8 @@ def block_gather_index(dim, rows, cols):
 def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, precision, blocks=2):
     """Standard-op Mahalanobis. embedding_flat ``[N, D, P]`` -> distance name ``[N, P]``.
 
-    mean ``[P, D]`` float32, whitening_packed ``[P, T]`` float32 (numpy). ``W`` is lower triangular, so
+    mean ``[P, D]`` float32 (numpy), whitening_packed ``[P, T]`` float32 (numpy, or rows: see
+    ``edgead.exporters.streaming``). ``W`` is lower triangular, so
     row block ``i`` (rows ``r0:r1``) of ``y = W c`` needs only the prefix ``c[:r1]``: one MatMul
     ``c[:r1] @ W[r0:r1, :r1]ᵀ`` per row block, and ``d² = Σ_i ||y_i||²``. The dense weights ONNX Runtime
     holds after constant-folding the Gathers are ``D²(B+1)/2B`` per patch (75 % of dense for B = 2), so
@@ -69,7 +94,7 @@ def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, pr
     """
     num_patches, dim = mean.shape
     store_dtype = np.float16 if precision == "fp16" else np.float32
-    packed = builder.const("whitening_packed", whitening_packed.astype(store_dtype))
+    packed = builder.rows_const("whitening_packed", whitening_packed, store_dtype)  # fp16: converted per chunk
     if precision == "fp16":
         packed = builder.node("Cast", [packed], "whitening_packed_f32", to=TensorProto.FLOAT)
     zero_column = builder.const("zero_column", np.zeros((num_patches, 1), np.float32))
@@ -117,7 +142,7 @@ def mahalanobis_plugin(builder, embedding_flat, mean, whitening_packed, precisio
     check_plugin_dim(dim)
     store_dtype = np.float16 if precision == "fp16" else np.float32
     mean_name = builder.const("mean", mean.astype(np.float32))
-    packed = builder.const("whitening_packed", whitening_packed.astype(store_dtype))
+    packed = builder.rows_const("whitening_packed", whitening_packed, store_dtype)
     return builder.node(
         PLUGIN_OP, [embedding_flat, mean_name, packed], "distance", domain=PLUGIN_DOMAIN,
         plugin_version=PLUGIN_VERSION, plugin_namespace="", dim=int(dim), num_patches=int(num_patches),
@@ -130,12 +155,31 @@ def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", pr
     """Nodes + initializers from ``embedding`` (name of ``[N, D, h, w]``) to the two graph outputs.
 
     Returns ``(nodes, initializers)``; the output tensors are named ``map_name`` and ``score_name``.
+    whitening_packed: ``[P, T]`` float32, an array or rows (``edgead.exporters.streaming``).
     """
+    builder = _GraphBuilder("head/")
+    _build_head(builder, embedding, config, mean, whitening_packed, mahalanobis, precision, map_name, score_name,
+                blocks)
+    return builder.nodes, builder.initializers
+
+
+def build_head_streamed(embedding, config, mean, whitening_packed, mahalanobis="onnx", precision="fp16",
+                        map_name="anomaly_map", score_name="score", blocks=2):
+    """As ``build_head``, but the packed whitening initializer is a placeholder without data: returns
+    ``(nodes, initializers, sources)`` with ``sources`` = ``{initializer name: streaming.TensorSource}``, for
+    ``external_data.write_model(..., sources=sources)`` or ``streaming.materialize``."""
+    builder = _GraphBuilder("head/", stream=True)
+    _build_head(builder, embedding, config, mean, whitening_packed, mahalanobis, precision, map_name, score_name,
+                blocks)
+    return builder.nodes, builder.initializers, builder.sources
+
+
+def _build_head(builder, embedding, config, mean, whitening_packed, mahalanobis, precision, map_name, score_name,
+                blocks):
     if mahalanobis not in ("onnx", "plugin"):
         raise ValueError("mahalanobis must be 'onnx' or 'plugin', not {!r}".format(mahalanobis))
     if precision not in ("fp32", "fp16"):
         raise ValueError("precision must be 'fp32' or 'fp16', not {!r}".format(precision))
-    builder = _GraphBuilder("head/")
     grid_h, grid_w = config["embedding"]["grid"]
     height, width = config["input"]["height"], config["input"]["width"]
     dim = mean.shape[1]
@@ -156,4 +200,3 @@ def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", pr
     builder.nodes.append(helper.make_node("MatMul", [blurred_rows, cols_op_t], [map_name], name="head/blurred"))
     builder.nodes.append(helper.make_node("ReduceMax", [map_name], [score_name], name="head/score",
                                           axes=[1, 2, 3], keepdims=0))
-    return builder.nodes, builder.initializers

@@ -103,18 +103,46 @@ def test_fit_size_that_does_not_fit_in_memory_fails_before_allocating(category, 
 
     monkeypatch.setattr(resources, "available_memory_bytes", lambda meminfo=None: 64 << 20)  # a 64 MB machine
     line = _fails_in_one_line(["fit", category, "-o", str(tmp_path / "b"), "--backbone", "resnet18", "--weights",
-                               "random", "--size", "1024", "--dim", "100"], "needs at least")
-    assert "available" in line and "--size" in line
+                               "random", "--size", "1024", "--dim", "100"], "needs about")
+    assert "available" in line and "--size" in line and "--max-memory" in line
     assert not os.path.exists(str(tmp_path / "b"))
 
 
-def test_padim_fit_memory_estimate_counts_the_statistics():
-    from edgead.resources import padim_fit_bytes
+@pytest.mark.parametrize("budget,match", [("1M", "the budget is 1 MB (--max-memory 1 MB)"),
+                                          ("banana", "--max-memory must look like 8G"),
+                                          ("0", "--max-memory must be positive"),
+                                          ("150%", "a percentage must be in (0, 100]")])
+def test_fit_max_memory_refusals_are_one_line(category, tmp_path, budget, match, no_fit_after_plan):
+    _fails_in_one_line(["fit", category, "-o", str(tmp_path / "b"), "--max-memory", budget] + FIT, match)
+    assert not os.path.exists(str(tmp_path / "b"))
 
-    # 256 px, stride 4: 4096 patches; D = 100: T = 5050 packed elements, 12 B each, + [P, D] float64 sums
-    stats = 4096 * (100 * 8 + 5050 * 12)
-    assert padim_fit_bytes(4096, 100, (256, 256), 0) == stats
-    assert padim_fit_bytes(4096, 100, (256, 256), 16) == stats + 16 * 256 * 256 * 128
+
+@pytest.fixture()
+def no_fit_after_plan(monkeypatch):
+    """Fails the test when a batch reaches the accumulator: refusals come before the first image."""
+    from edgead import padim
+
+    def started(*args, **kwargs):
+        raise AssertionError("the fit started")
+
+    monkeypatch.setattr(padim.GaussianAccumulator, "update", started)
+
+
+def test_k_fold_that_cannot_hold_a_fold_is_refused_before_the_fit(category, tmp_path, no_fit_after_plan):
+    from edgead import resources
+
+    # room for the fit and two images' embeddings (leave-one-out needs one), not for a fold of 4 of the 8 images
+    budget = resources.FitMemoryPlan(16 * 16, 16, (64, 64), 16, _backbone_bytes(), 1 << 40).needed(held_images=2)
+    line = _fails_in_one_line(["fit", category, "-o", str(tmp_path / "b"), "--folds", "2",
+                               "--max-memory", str(budget)] + FIT, "with 2-fold thresholds")
+    assert "--folds n" in line
+
+
+def _backbone_bytes():
+    from edgead.weights import load_backbone
+
+    extractor, _ = load_backbone("resnet18", "random", seed=0, input_hw=(64, 64))
+    return sum(t.numel() * t.element_size() for t in extractor.state_dict().values())
 
 
 def test_unpicklable_weights_file_gives_no_unsafe_advice(category, tmp_path):

@@ -149,7 +149,8 @@ def test_export_writes_atomically(tiny_bundle, tmp_path, monkeypatch):
     out = tmp_path / "m.onnx"
     onnx_export.export_onnx(tiny_bundle, out, "onnx", "fp16", 1)
     before = out.read_bytes()
-    monkeypatch.setattr(onnx_export, "build_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    # the build both build_onnx and export_onnx (streaming) go through
+    monkeypatch.setattr(onnx_export, "build_onnx_streamed", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         onnx_export.export_onnx(tiny_bundle, out, "onnx", "fp32", 1)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

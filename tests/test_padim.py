@@ -2,7 +2,10 @@
 
 Tolerances: float64 paths 1e-9 relative; float32 scoring paths 1e-4 relative (the issue's bar).
 """
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from edgead import packing, padim
@@ -96,3 +99,90 @@ def test_full_model_matches_float64_reference(tiny_bundle):
     np.testing.assert_allclose(amap[:, 0].numpy(), ref_maps, rtol=1e-4, atol=1e-4 * ref_maps.max())
     np.testing.assert_allclose(score.numpy(), ref_scores, rtol=1e-4)
     assert score[0] > score[1:].max()  # the defect frame scores highest
+
+
+def test_chunks_follow_the_byte_budget():
+    """One float64 [p, D, D] temporary per chunk stays within chunk_bytes (the issue's 100-200 MB at D = 550)."""
+    assert padim.chunk_patches(550) == (128 << 20) // (8 * 550 * 550) == 55
+    assert padim.chunk_patches(100) == 1677
+    acc = padim.GaussianAccumulator(100, 50, chunk_bytes=8 * 50 * 50 * 7)
+    assert [stop - start for start, stop in acc.chunks()] == [7] * 14 + [2]
+    assert list(padim.GaussianAccumulator(3, 50, chunk_bytes=1).chunks()) == [(0, 1), (1, 2), (2, 3)]
+    assert list(padim.GaussianAccumulator(10, 4, patch_chunk=4).chunks()) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_finalize_in_place_is_bit_identical_and_spends_the_sums():
+    emb = torch.from_numpy(_random_embeddings(n=30, d=12, p=20))
+    copy_acc, in_place_acc = (padim.GaussianAccumulator(20, 12, chunk_bytes=8 * 12 * 12 * 3) for _ in range(2))
+    for acc in (copy_acc, in_place_acc):
+        acc.update(emb)
+    storage = in_place_acc.outer_packed.untyped_storage()
+    mean, packed = copy_acc.finalize()
+    mean_ip, packed_ip = in_place_acc.finalize(in_place=True)
+    assert torch.equal(mean, mean_ip) and torch.equal(packed, packed_ip)
+    assert packed_ip.dtype == torch.float32 and packed_ip.shape == (20, 78) and packed_ip.is_contiguous()
+    assert packed_ip.untyped_storage().data_ptr() == storage.data_ptr()  # written over the sums, no new array
+    assert in_place_acc.finalized and in_place_acc.outer_packed is None
+    with pytest.raises(RuntimeError, match="finalized in place"):
+        in_place_acc.update(emb)
+    with pytest.raises(RuntimeError, match="finalized in place"):
+        in_place_acc.covariance(0, 2)
+    ref_mean, ref_inv = fit_reference(emb.numpy())
+    queries = _random_embeddings(n=4, d=12, p=20, seed=5)
+    np.testing.assert_allclose(padim.mahalanobis(torch.from_numpy(queries).float(), mean_ip,
+                                                 padim.dense_whitening(packed_ip)).numpy(),
+                               distance_reference(queries, ref_mean, ref_inv), rtol=1e-4)
+
+
+def test_covariance_without_a_held_out_fold_equals_np_cov_of_the_rest():
+    emb = _random_embeddings(n=16, d=6, p=9)
+    acc = padim.GaussianAccumulator(9, 6, patch_chunk=4)
+    acc.update(torch.from_numpy(emb))
+    fold = [2, 3, 11]
+    rest = np.delete(emb, fold, axis=0)
+    for start, stop in acc.chunks():
+        got = acc.covariance(start, stop, epsilon=0.5, scale=2.0, held_out=torch.from_numpy(emb[fold])).numpy()
+        for p in range(start, stop):
+            expected = 2.0 * np.cov(rest[:, :, p], rowvar=False) + 0.5 * np.eye(6)
+            np.testing.assert_allclose(got[p - start], expected, rtol=1e-10, atol=1e-12)
+
+
+def _rss_anon_bytes():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) and /proc are Linux")
+def test_release_pages_gives_memory_back_and_keeps_the_rest():
+    from edgead.resources import release_pages
+
+    data = torch.arange(8 << 20, dtype=torch.float64)  # 64 MiB, every page touched
+    before = _rss_anon_bytes()
+    released = release_pages(data.data_ptr() + data.nbytes // 2, data.nbytes // 2)
+    assert released >= (32 << 20) - 8192
+    assert before - _rss_anon_bytes() >= (30 << 20)
+    assert torch.equal(data[:4 << 20], torch.arange(4 << 20, dtype=torch.float64))  # the kept half is intact
+    assert float(data[6 << 20]) == 0.0  # a released page reads as zeros (the partial pages at the ends are kept)
+    assert release_pages(data.data_ptr(), 100) == 0  # less than a page: nothing
+
+
+def test_head_above_the_dense_limit_expands_the_packed_rows_chunk_by_chunk(monkeypatch):
+    """Same distances (bit for bit) with and without the precomputed dense whitening."""
+    from edgead import model
+
+    emb = _random_embeddings(n=25, d=12, p=20)
+    acc = padim.GaussianAccumulator(20, 12)
+    acc.update(torch.from_numpy(emb))
+    mean, packed = acc.finalize()
+    queries = torch.from_numpy(_random_embeddings(n=3, d=12, p=20, seed=4)).float().reshape(3, 12, 4, 5)
+    dense_head = model.PadimHead(mean, packed, (8, 10), 1.0, (4, 5))
+    monkeypatch.setattr(model, "DENSE_WHITENING_BYTES", 8 * 12 * 12 * 4 * 2)  # 20 patches are over it; 2 per chunk
+    chunked_head = model.PadimHead(mean, packed, (8, 10), 1.0, (4, 5))
+    assert dense_head.whitening is not None and chunked_head.whitening is None and chunked_head.patch_chunk == 2
+    assert chunked_head.whitening_packed.data_ptr() == packed.data_ptr()  # no copy of the statistics
+    expected = dense_head.distance_map(queries)
+    assert torch.equal(chunked_head.distance_map(queries), expected)
+    ref_mean, ref_inv = fit_reference(emb)
+    np.testing.assert_allclose(expected.reshape(3, 20).numpy(),
+                               distance_reference(queries.reshape(3, 12, 20).double().numpy(), ref_mean, ref_inv),
+                               rtol=1e-4)

@@ -43,8 +43,9 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external
     from edgead.output_paths import check_model_path
 
     check_model_path(out, force)  # before loading anything
-    bundle = load_bundle(bundle_dir)
-    model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype, external_data=external_data)
+    # the statistics stay on disk and are streamed into the file block by block (never a whole copy in memory)
+    with load_bundle(bundle_dir, lazy_statistics=True) as bundle:
+        model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype, external_data=external_data)
     data_files = external_locations(model)  # one file, or none when inline
     folder = os.path.dirname(os.path.abspath(out))
     onnx_bytes = os.path.getsize(out)

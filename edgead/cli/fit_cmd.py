@@ -78,11 +78,14 @@ def _training_paths(data):
     return list_images(data), None
 
 
-def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds="n", quantile=0.995, val=None):
+def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds="n", quantile=0.995, val=None,
+               max_memory=None):
     """Fit + thresholds + save. Returns (bundle, summary dict); warnings go to stderr, one line each.
 
     Thresholds: F1-max on the labelled category ``val`` when given, else out of sample from the
     training images (``folds``: ``"n"`` leave-one-out, K >= 2 K-fold, 0 leaves the model uncalibrated).
+    max_memory: the memory budget in bytes (None: ``resources.DEFAULT_FRACTION`` of the available memory); a fit
+    that cannot stay inside it is refused before it starts.
     """
     from edgead.bundle import check_bundle_target
     from edgead.data import ImageBatches, MvtecCategory
@@ -98,7 +101,9 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
     paths, _ = _training_paths(data)
     name = os.path.basename(os.path.normpath(data))
     started = time.perf_counter()
-    fitter = PadimFitter(backbone, weights, size, dim, seed, batch_size)
+    fitter = PadimFitter(backbone, weights, size, dim, seed, batch_size, max_memory)
+    if folds and not val:
+        fitter.check_calibration_memory(folds, len(paths))  # a K-fold pass that cannot fit fails now, not later
     for frames, _ in ImageBatches(paths, size, batch_size=batch_size, desc="fit {}".format(name)):
         fitter.update(frames)
     fit_seconds = time.perf_counter() - started
@@ -120,8 +125,18 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
                "total_seconds": round(time.perf_counter() - started, 2),
                "backbone": bundle.config["backbone"], "dim": bundle.config["embedding"]["dim"],
                "calibration": bundle.config["calibration"],
-               "calibration_provenance": bundle.config["calibration_provenance"], "warnings": list(fitter.warnings)}
+               "calibration_provenance": bundle.config["calibration_provenance"], "warnings": list(fitter.warnings),
+               "memory": dict(fitter.memory.describe(), peak_rss=_peak_rss_bytes())}
     return bundle, summary
+
+
+def _peak_rss_bytes():
+    """Peak resident memory of this process so far (bytes; None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _describe(config):
@@ -149,8 +164,12 @@ def _describe(config):
               help="Quantile of the out-of-sample normal scores used as the threshold, in (0, 1).")
 @click.option("--val", type=click.Path(), default=None, help="A separate labelled MVTec-layout category (not the test "
               "set you report) whose test/ split sets F1-max thresholds instead.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the fit may use, e.g. 8G, 7.5GB, 512MB or 70% (default: 85% of the memory available at "
+                   "start). Temporaries are sized to stay inside it; a fit that cannot is refused before it "
+                   "starts, with what it needs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quantile, val, as_json):
+def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quantile, val, max_memory, as_json):
     """Fit PaDiM on good images (an MVTec category's train/good, or any image folder / glob).
 
     The default thresholds come from the good images alone: each image is scored by the model fitted
@@ -163,8 +182,11 @@ def fit(data, out, backbone, weights, size, dim, seed, batch_size, folds, quanti
       edgead fit mvtec/bottle -o bottle.edgead --backbone efficientnet_lite0 --size 256
       edgead fit 'parts/good/*.png' -o parts.edgead --backbone resnet18 --weights resnet18.safetensors
     """
+    from edgead.resources import parse_memory_size
+
+    budget = None if max_memory is None else parse_memory_size(max_memory)
     bundle, summary = fit_bundle(data, out, backbone, weights, _parse_size(size), dim, seed, batch_size,
-                                 folds, quantile, val)
+                                 folds, quantile, val, budget)
     if as_json:
         from edgead.runtime.report import dumps as strict_json  # NaN -> null: --json output is always JSON
 
