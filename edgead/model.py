@@ -23,12 +23,12 @@ class PadimHead(nn.Module):
         self.register_buffer("mean", mean.to(torch.float32), persistent=False)
         num_patches, dim = mean.shape
         if num_patches * dim * dim * 4 <= DENSE_WHITENING_BYTES:
-            self.register_buffer(
-                "whitening", padim.dense_whitening(whitening_packed.to(torch.float32)), persistent=False)
-            self.whitening_packed, self.patch_chunk = None, num_patches
+            dense, packed, self.patch_chunk = padim.dense_whitening(whitening_packed.to(torch.float32)), None, num_patches
         else:  # the packed rows stay as they are (no copy); dense blocks of DENSE_WHITENING_BYTES / 8 per chunk
-            self.whitening, self.whitening_packed = None, whitening_packed.to(torch.float32)
+            dense, packed = None, whitening_packed.to(torch.float32)
             self.patch_chunk = max(1, DENSE_WHITENING_BYTES // 8 // (dim * dim * 4))
+        self.register_buffer("whitening", dense, persistent=False)  # buffers (or None): .to(device) moves them
+        self.register_buffer("whitening_packed", packed, persistent=False)
         self.output_hw = tuple(int(v) for v in output_hw)
         self.grid_hw = tuple(int(v) for v in grid_hw)
         (height, width), (grid_h, grid_w) = self.output_hw, self.grid_hw

@@ -22,9 +22,10 @@ EPSILON = 0.01
 CHUNK_BYTES = 128 << 20
 
 
-def chunk_patches(dim, chunk_bytes=CHUNK_BYTES, limit=None):
-    """Patches per chunk: as many float64 ``[D, D]`` matrices as fit ``chunk_bytes`` (at least one), at most ``limit``."""
-    size = max(1, int(chunk_bytes) // (8 * dim * dim))
+def chunk_patches(dim, chunk_bytes=CHUNK_BYTES, limit=None, images=0):
+    """Patches per chunk: as many float64 ``[D, D]`` matrices (and ``[images, D]`` blocks, when scoring that many
+    images per chunk) as fit ``chunk_bytes`` (at least one), at most ``limit``."""
+    size = max(1, int(chunk_bytes) // (8 * dim * max(dim, int(images))))
     return size if limit is None else max(1, min(size, int(limit)))
 
 
@@ -54,11 +55,12 @@ class GaussianAccumulator:
         """Bytes of the running sums (what stays allocated for the whole fit)."""
         return self.sum.nbytes + self.outer_packed.nbytes
 
-    def chunks(self, desc=None):
-        """``(start, stop)`` patch ranges whose ``[p, D, D]`` float64 temporaries fit ``chunk_bytes`` each.
+    def chunks(self, desc=None, images=0):
+        """``(start, stop)`` patch ranges whose ``[p, D, D]`` (and ``[p, images, D]``) float64 temporaries fit
+        ``chunk_bytes`` each.
 
         desc: show a progress bar (patches) with this label when there is more than one chunk."""
-        size = chunk_patches(self.dim, self.chunk_bytes, self.patch_chunk)
+        size = chunk_patches(self.dim, self.chunk_bytes, self.patch_chunk, images)
         ranges = [(start, min(start + size, self.num_patches)) for start in range(0, self.num_patches, size)]
         if desc is None or len(ranges) < 2:
             yield from ranges
@@ -79,12 +81,12 @@ class GaussianAccumulator:
         if batch.shape[2] != self.num_patches:
             raise ValueError("embedding has {} patches, expected {}".format(batch.shape[2], self.num_patches))
         batch = batch.to("cpu")  # [N, D, P], float64 a chunk at a time (no float64 copy of the whole batch)
-        self.sum += batch.sum(dim=0, dtype=torch.float64).T
-        for start, stop in self.chunks():
+        for start, stop in self.chunks(images=batch.shape[0]):
             chunk = _by_patch(batch, start, stop)  # [p, N, D] float64
+            self.sum[start:stop] += chunk.sum(dim=1)
             outer = torch.bmm(chunk.transpose(1, 2), chunk)  # [p, D, D]
             self.outer_packed[start:stop] += outer.view(stop - start, -1)[:, self._flat_tril]
-            del outer
+            del outer, chunk
         self.count += batch.shape[0]
 
     def merge(self, other):
@@ -102,10 +104,10 @@ class GaussianAccumulator:
         """``[P, D]`` float64."""
         return self.sum / self.count
 
-    def _dense_outer(self, start, stop):
-        """``Σ x xᵀ`` of patches ``start:stop`` as dense symmetric ``[p, D, D]`` float64 (one chunk temporary)."""
-        self._check_open()
-        packed = self.outer_packed[start:stop]
+    def _dense_outer(self, sums, start, stop):
+        """``Σ x xᵀ`` of patches ``start:stop`` (rows of packed ``sums``) as dense symmetric ``[p, D, D]`` float64
+        (one chunk temporary)."""
+        packed = sums[start:stop]
         dense = packed.new_empty(stop - start, self.dim * self.dim)
         dense.index_copy_(1, self._flat_triu, packed)
         dense.index_copy_(1, self._flat_tril, packed)  # the diagonal is in both: same value
@@ -118,9 +120,14 @@ class GaussianAccumulator:
         held_out: ``[m, D, P]`` embeddings of images that went into the sums (a held-out fold); the
         covariance is then the one of the remaining images, exact, because the statistics are sums.
         """
+        self._check_open()
+        return self._covariance(self.outer_packed, start, stop, epsilon, scale, held_out)
+
+    def _covariance(self, sums, start, stop, epsilon, scale=1.0, held_out=None):
+        """``covariance`` from the packed ``sums`` given (``finalize`` passes them once it has taken them over)."""
         stop = self.num_patches if stop is None else stop
         count, total = self.count, self.sum[start:stop]
-        cov = self._dense_outer(start, stop)
+        cov = self._dense_outer(sums, start, stop)
         if held_out is not None:
             fold = _by_patch(held_out, start, stop)  # [p, m, D]
             cov.baddbmm_(fold.transpose(1, 2), fold, alpha=-1.0)
@@ -141,12 +148,13 @@ class GaussianAccumulator:
         fold's embeddings plus a chunk; no full whitening kept).
         """
         held_out = held_out.reshape(held_out.shape[0], self.dim, -1)
-        rest_mean = (self.sum - held_out.to(torch.float64).sum(dim=0).T) / (self.count - held_out.shape[0])
+        rest = self.count - held_out.shape[0]
         out = torch.empty(held_out.shape[0], self.num_patches, dtype=torch.float64)
-        for start, stop in self.chunks("held-out covariances"):
+        for start, stop in self.chunks("held-out covariances", images=held_out.shape[0]):
             chol = _cholesky(self.covariance(start, stop, epsilon, held_out=held_out))
-            centred = _by_patch(held_out, start, stop) - rest_mean[start:stop, None, :]  # [p, m, D]
-            out[:, start:stop] = _whitened_norm2(chol, centred).sqrt().T
+            fold = _by_patch(held_out, start, stop)  # [p, m, D]
+            rest_mean = (self.sum[start:stop] - fold.sum(dim=1)) / rest
+            out[:, start:stop] = _whitened_norm2(chol, fold.sub_(rest_mean[:, None, :])).sqrt().T
         return out
 
     def leave_one_out_distance(self, embedding, epsilon=EPSILON):
@@ -169,7 +177,7 @@ class GaussianAccumulator:
         embedding = embedding.reshape(embedding.shape[0], self.dim, -1)
         mean, c = self.mean(), n / ((n - 1.0) * (n - 2.0))
         out = torch.empty(embedding.shape[0], self.num_patches, dtype=torch.float64)
-        for start, stop in self.chunks("leave-one-out covariances"):
+        for start, stop in self.chunks("leave-one-out covariances", images=embedding.shape[0]):
             chol = _cholesky(self.covariance(start, stop, epsilon, scale=(n - 1.0) / (n - 2.0)))
             q = _whitened_norm2(chol, _by_patch(embedding, start, stop) - mean[start:stop, None, :])  # [p, m]
             out[:, start:stop] = ((n / (n - 1.0)) * torch.sqrt(q / (1.0 - c * q))).T
@@ -186,19 +194,18 @@ class GaussianAccumulator:
         self._check_open()
         num_patches, length = self.outer_packed.shape
         mean = self.mean().to(torch.float32)
+        sums = self.outer_packed
         if in_place:
-            result = self.outer_packed.view(-1).view(torch.float32)[:num_patches * length].view(num_patches, length)
+            result = sums.view(-1).view(torch.float32)[:num_patches * length].view(num_patches, length)
+            self.outer_packed, self.finalized = None, True  # spent from the first chunk on, even if one fails
         else:
             result = torch.empty(num_patches, length, dtype=torch.float32)
         for start, stop in self.chunks("whitening"):
-            whitening = whitening_from_covariance(self.covariance(start, stop, epsilon))
+            whitening = whitening_from_covariance(self._covariance(sums, start, stop, epsilon))
             result[start:stop] = whitening.view(stop - start, -1)[:, self._flat_tril]
             del whitening
-        if in_place:
-            self.finalized = True
-            storage = self.outer_packed
-            self.outer_packed = None  # the storage lives on in ``result``
-            resources.release_pages(storage.data_ptr() + result.nbytes, storage.nbytes - result.nbytes)
+        if in_place:  # the storage lives on in ``result``; its second half goes back to the system
+            resources.release_pages(sums.data_ptr() + result.nbytes, sums.nbytes - result.nbytes)
         return mean, result
 
 

@@ -33,7 +33,8 @@ CHUNK_TEMPORARIES = 4
 #: Target bytes of the float32 embeddings one leave-one-out group holds (each group costs one Cholesky sweep).
 GROUP_TARGET_BYTES = 512 << 20
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000 ** 2, "mb": 1000 ** 2, "mib": 1 << 20,
-          "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1 << 40}
+          "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1 << 40,
+          "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 
 def available_memory_bytes(meminfo="/proc/meminfo"):
@@ -86,22 +87,26 @@ def parse_memory_size(text, option="--max-memory"):
 class FitMemoryPlan:
     """What a PaDiM fit of ``num_patches`` x ``dim`` holds, against a budget.
 
-    budget: bytes the whole process may use (None: ``DEFAULT_FRACTION`` of the available memory, or
-    unlimited when that is unknown); backbone_bytes: parameters and buffers of the feature extractor.
+    budget: bytes the whole process may use (None: ``DEFAULT_FRACTION`` of the available memory plus ``held``,
+    what the process holds already, default its resident set; unlimited when the available memory is unknown);
+    backbone_bytes: parameters and buffers of the feature extractor.
     Sizes, all in bytes: ``statistics`` (float64 sums: ``P·(D + T)·8``, the float32 whitening is written
     over them), ``chunk_bytes`` (one ``[p, D, D]`` float64 temporary), ``image_bytes`` (one float32
     embedding ``D·P·4``, what a calibration pass keeps per image).
     """
 
-    def __init__(self, num_patches, dim, input_hw, batch_size, backbone_bytes=0, budget=None, available=None):
+    def __init__(self, num_patches, dim, input_hw, batch_size, backbone_bytes=0, budget=None, available=None,
+                 held=None):
         self.num_patches, self.dim = int(num_patches), int(dim)
         self.input_hw = tuple(int(v) for v in input_hw)
         self.batch_size, self.backbone_bytes = int(batch_size), int(backbone_bytes)
-        if budget is None:
+        if budget is None:  # what this process holds already (runtime, backbone) is not in MemAvailable: add it
             available = available_memory_bytes() if available is None else available
-            self.budget = None if available is None else int(available * DEFAULT_FRACTION)
-            self.budget_source = ("{:.0f}% of the {} available (set --max-memory)".format(
-                DEFAULT_FRACTION * 100, human_bytes(available)) if available is not None else "unlimited")
+            held = process_rss_bytes() if held is None else held
+            self.budget = None if available is None else int(available * DEFAULT_FRACTION) + held
+            self.budget_source = ("{:.0f}% of the {} available + the {} this process holds (set --max-memory)".format(
+                DEFAULT_FRACTION * 100, human_bytes(available), human_bytes(held)) if available is not None
+                else "unlimited")
         else:
             self.budget, self.budget_source = int(budget), "--max-memory {}".format(human_bytes(budget))
         self.statistics = self.num_patches * (self.dim + packing.packed_length(self.dim)) * 8
@@ -140,6 +145,18 @@ class FitMemoryPlan:
         """A dict for reports and benchmarks (bytes)."""
         return {"budget": self.budget, "statistics": self.statistics, "chunk_bytes": self.chunk_bytes,
                 "image_bytes": self.image_bytes, "needed_without_calibration": self.needed()}
+
+
+def process_rss_bytes(status="/proc/self/status"):
+    """Resident memory of this process now (``VmRSS``), 0 when unknown."""
+    try:
+        with open(status, "r") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def release_pages(address, nbytes):

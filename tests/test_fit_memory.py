@@ -23,7 +23,8 @@ from conftest import TINY_HW, random_frames
 GB = 1000 ** 3
 
 
-@pytest.mark.parametrize("text,expected", [("8G", 8 * GB), ("7.5GB", int(7.5 * GB)), ("6GiB", 6 << 30),
+@pytest.mark.parametrize("text,expected", [("8G", 8 * GB), ("7.5GB", int(7.5 * GB)), ("6GiB", 6 << 30), ("8Gi", 8 << 30),
+                                           ("512Mi", 512 << 20), ("4ki", 4096), (".5G", GB // 2), ("8 G", 8 * GB),
                                            ("512MB", 512 * 1000 ** 2), ("512m", 512 * 1000 ** 2),
                                            ("100 MiB", 100 << 20), ("123456", 123456), ("2t", 2 * 1000 ** 4)])
 def test_parse_memory_size(text, expected):
@@ -78,11 +79,27 @@ def test_a_tight_budget_shrinks_chunks_and_groups_before_it_refuses():
     assert "--max-memory" in message and "--size" in message
 
 
-def test_default_budget_is_a_fraction_of_the_available_memory():
-    plan = resources.FitMemoryPlan(100, 10, (64, 64), 1, available=20 * GB)
-    assert plan.budget == int(20 * GB * resources.DEFAULT_FRACTION)
-    assert "85% of the 20 GB available" in plan.budget_source
-    assert resources.FitMemoryPlan(100, 10, (64, 64), 1, available=None).budget is not None or True
+def test_default_budget_is_a_fraction_of_the_available_memory_plus_what_the_process_holds(monkeypatch):
+    plan = resources.FitMemoryPlan(100, 10, (64, 64), 1, available=20 * GB, held=GB)
+    assert plan.budget == int(20 * GB * resources.DEFAULT_FRACTION) + GB
+    assert "85% of the 20 GB available + the 1 GB this process holds" in plan.budget_source
+    monkeypatch.setattr(resources, "process_rss_bytes", lambda status=None: 3 * GB)
+    assert resources.FitMemoryPlan(100, 10, (64, 64), 1, available=10 * GB).budget == int(8.5 * GB) + 3 * GB
+
+
+def test_process_rss_is_this_process():
+    rss = resources.process_rss_bytes()
+    assert 20 << 20 < rss < 64 * GB  # python + torch + numpy are resident
+    assert resources.process_rss_bytes("/nonexistent/status") == 0
+
+
+def test_unknown_available_memory_means_no_budget(monkeypatch):
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda meminfo=None: None)
+    plan = resources.FitMemoryPlan(4096, 550, (256, 256), 16)
+    assert plan.budget is None and plan.budget_source == "unlimited"
+    assert plan.chunk_bytes == resources.CHUNK_TARGET_BYTES
+    assert plan.group_images(200) == resources.GROUP_TARGET_BYTES // (4096 * 550 * 4)
+    assert plan.check("fit") == plan.needed()  # nothing to refuse against
 
 
 def test_fitter_refuses_a_budget_it_cannot_keep_before_the_first_image():

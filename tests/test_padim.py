@@ -186,3 +186,28 @@ def test_head_above_the_dense_limit_expands_the_packed_rows_chunk_by_chunk(monke
     np.testing.assert_allclose(expected.reshape(3, 20).numpy(),
                                distance_reference(queries.reshape(3, 12, 20).double().numpy(), ref_mean, ref_inv),
                                rtol=1e-4)
+
+
+def test_a_failed_in_place_finalize_leaves_the_accumulator_spent():
+    """Chunks already overwritten with float32 must never be read again as sums."""
+    acc = padim.GaussianAccumulator(20, 12, patch_chunk=5)
+    acc.update(torch.from_numpy(_random_embeddings(n=30, d=12, p=20)))
+    calls = []
+    original = padim.whitening_from_covariance
+
+    def fail_on_third_chunk(cov):
+        calls.append(len(cov))
+        if len(calls) == 3:
+            raise padim.DataError("a patch covariance is not positive definite")
+        return original(cov)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(padim, "whitening_from_covariance", fail_on_third_chunk):
+        with pytest.raises(padim.DataError):
+            acc.finalize(in_place=True)
+    assert calls == [5, 5, 5] and acc.finalized
+    for use in (lambda: acc.covariance(0, 5), lambda: acc.update(torch.zeros(1, 12, 20)),
+                lambda: acc.finalize(), lambda: acc.leave_one_out_distance(torch.zeros(1, 12, 20))):
+        with pytest.raises(RuntimeError, match="finalized in place"):
+            use()
