@@ -13,6 +13,9 @@ from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_
 from edgead.errors import ConfigError, DataError
 from edgead.weights import load_backbone
 
+#: Images whose full-size float64 anomaly maps ``_map_stats`` builds at once (16 x 256 x 256 x 8 B = 8 MB)
+MAP_SLICE = 16
+
 
 def make_config(backbone_name, weights_description, extractor, input_hw, dim, seed, blur_sigma=4.0):
     """model.json dict for a new PaDiM model (statistics-dependent fields filled in by ``fit_padim``)."""
@@ -130,10 +133,11 @@ class PadimFitter:
         cols_t = blur.upsample_blur_matrix(cfg["input"]["width"], grid_w, sigma).T  # [w, W]
         maxima, medians = [], []
         for distance in distances:
-            maps = rows @ distance.numpy().reshape(-1, grid_h, grid_w) @ cols_t  # [m, H, W]
-            flat = maps.reshape(len(maps), -1)
-            maxima.append(flat.max(axis=1))
-            medians.append(np.median(flat, axis=1))
+            grids = distance.numpy().reshape(-1, grid_h, grid_w)
+            for first in range(0, len(grids), MAP_SLICE):  # full-size float64 maps of a few images at a time
+                flat = (rows @ grids[first:first + MAP_SLICE] @ cols_t).reshape(len(grids[first:first + MAP_SLICE]), -1)
+                maxima.append(flat.max(axis=1))
+                medians.append(np.median(flat, axis=1))
         return np.concatenate(maxima), np.concatenate(medians)
 
     def out_of_sample_scores(self, fold_batches, desc="out-of-sample thresholds"):
@@ -167,14 +171,14 @@ class PadimFitter:
         group_size = self.memory.group_images(self.accumulator.count)
         progress = tqdm(total=self.accumulator.count, desc=desc, unit="img", leave=False)
 
-        def groups():
+        def groups():  # whole batches, at most group_size images (a larger batch is a group of its own)
             group, held = [], 0
             for frames in batches:
-                group.append(frames)
-                held += len(frames)
-                if held >= group_size:
+                if group and held + len(frames) > group_size:
                     yield group
                     group, held = [], 0
+                group.append(frames)
+                held += len(frames)
             if group:
                 yield group
 

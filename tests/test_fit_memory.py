@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgead import resources
+from edgead import fit, resources
 from edgead.errors import ConfigError
 from edgead.fit import PadimFitter
 
@@ -55,7 +55,7 @@ def test_wide_resnet50_plan_numbers():
                              + 16 * (256 * 256 * resources.ACTIVATION_BYTES_PER_PIXEL + 2 * 4096 * 550 * 4)
                              + 4 * (128 << 20))
     assert plan.needed() < 7.5 * GB  # the goal, with room for what the estimate does not see
-    assert plan.group_images(200) == resources.GROUP_TARGET_BYTES // (4096 * 550 * 4) == 59
+    assert plan.group_images(200) == int(0.1 * 4_983_193_600) // (4096 * 550 * 4) == 55  # 10 % of the statistics
     assert plan.group_images(30) == 30
 
 
@@ -98,7 +98,9 @@ def test_unknown_available_memory_means_no_budget(monkeypatch):
     plan = resources.FitMemoryPlan(4096, 550, (256, 256), 16)
     assert plan.budget is None and plan.budget_source == "unlimited"
     assert plan.chunk_bytes == resources.CHUNK_TARGET_BYTES
-    assert plan.group_images(200) == resources.GROUP_TARGET_BYTES // (4096 * 550 * 4)
+    assert plan.group_images(200) == 55
+    small = resources.FitMemoryPlan(4096, 100, (256, 256), 16)  # 169 MB of statistics: the 64 MB floor
+    assert small.group_images(200) == (64 << 20) // (4096 * 100 * 4) == 40
     assert plan.check("fit") == plan.needed()  # nothing to refuse against
 
 
@@ -119,9 +121,10 @@ def test_leave_one_out_groups_give_the_one_group_scores(monkeypatch):
     original = fitter.accumulator.leave_one_out_distance
     monkeypatch.setattr(fitter.accumulator, "leave_one_out_distance",
                         lambda emb, eps: sweeps.append(len(emb)) or original(emb, eps))
-    monkeypatch.setattr(resources, "GROUP_TARGET_BYTES", 3 * fitter.memory.image_bytes)
+    monkeypatch.setattr(resources, "GROUP_TARGET_BYTES", 5 * fitter.memory.image_bytes)
+    monkeypatch.setattr(fit, "MAP_SLICE", 3)  # and the maps of 3 images at a time
     grouped = fitter.leave_one_out_scores(batches)
-    assert sweeps == [4, 4, 1]  # groups of whole batches, at least 3 images each
+    assert sweeps == [4, 5]  # whole batches (2, 2, 2, 2, 1 images), at most 5 images a group
     for got, expected in zip(grouped, whole):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
