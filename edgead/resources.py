@@ -42,15 +42,23 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000 ** 2, 
           "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 
-def available_memory_bytes(meminfo="/proc/meminfo"):
-    """``MemAvailable`` (Linux), else physical memory; None when unknown."""
+def _proc_kib(path, key):
+    """Bytes of the ``key:`` line (a value in kB) of a /proc status-style file; None when absent or unreadable."""
     try:
-        with open(meminfo, "r") as fh:
+        with open(path, "r") as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def available_memory_bytes(meminfo="/proc/meminfo"):
+    """``MemAvailable`` (Linux), else physical memory; None when unknown."""
+    available = _proc_kib(meminfo, "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -156,14 +164,7 @@ class FitMemoryPlan:
 
 def process_rss_bytes(status="/proc/self/status"):
     """Resident memory of this process now (``VmRSS``), 0 when unknown."""
-    try:
-        with open(status, "r") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_kib(status, "VmRSS") or 0
 
 
 def release_pages(address, nbytes):

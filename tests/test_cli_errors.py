@@ -52,15 +52,20 @@ def bundle_dir(category, tmp_path_factory):
 
 # ---- fit: every output problem is found before the fit starts -------------------------------------
 
+def _fail_when_called(monkeypatch, owner, name, message):
+    """Replace ``owner.name`` with a function that fails the test (``message``) if anything calls it."""
+    def called(*args, **kwargs):
+        raise AssertionError(message)
+
+    monkeypatch.setattr(owner, name, called)
+
+
 @pytest.fixture()
 def no_fit(monkeypatch):
     """Any fit that starts fails the test: output problems must be found before it."""
     from edgead import fit
 
-    def started(*args, **kwargs):
-        raise AssertionError("the fit started before the output path was checked")
-
-    monkeypatch.setattr(fit.PadimFitter, "__init__", started)
+    _fail_when_called(monkeypatch, fit.PadimFitter, "__init__", "the fit started before the output path was checked")
 
 
 def test_fit_into_an_existing_file_fails_first_and_leaves_it(category, tmp_path, no_fit):
@@ -122,10 +127,7 @@ def no_fit_after_plan(monkeypatch):
     """Fails the test when a batch reaches the accumulator: refusals come before the first image."""
     from edgead import padim
 
-    def started(*args, **kwargs):
-        raise AssertionError("the fit started")
-
-    monkeypatch.setattr(padim.GaussianAccumulator, "update", started)
+    _fail_when_called(monkeypatch, padim.GaussianAccumulator, "update", "the fit started")
 
 
 def test_k_fold_that_cannot_hold_a_fold_is_refused_before_the_fit(category, tmp_path, no_fit_after_plan):
