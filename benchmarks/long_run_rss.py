@@ -14,7 +14,6 @@ bounded summaries, to show what that costs on the same run.
 Writes OUT/long_run_rss[_annotate][_legacy].{json,csv,png}.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,39 +23,14 @@ LIMIT_MB = 5.0
 
 
 def build_model(path, hw=(64, 64)):
-    """Tiny model obeying the ONNX contract (uint8 [1, H, W, 3] -> anomaly_map [1, 1, H, W], score [1])."""
-    import onnx
-    from onnx import TensorProto, helper
+    """Tiny model obeying the ONNX contract (uint8 [1, H, W, 3] -> anomaly_map [1, 1, H, W], score [1]): the
+    test suite's fake model (``tests/fake_models.py``: mean brightness as the map, its max as the score)."""
+    tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    from fake_models import write_fake_model
 
-    height, width = hw
-    nodes = [
-        helper.make_node("Cast", ["image"], ["image_f"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["image_f"], ["mean_c"], axes=[3], keepdims=1),
-        helper.make_node("Transpose", ["mean_c"], ["anomaly_map"], perm=[0, 3, 1, 2]),
-        helper.make_node("ReduceMax", ["anomaly_map"], ["score"], axes=[1, 2, 3], keepdims=0),
-    ]
-    graph = helper.make_graph(
-        nodes, "edgead_rss_bench",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, [1, height, width, 3])],
-        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, height, width]),
-         helper.make_tensor_value_info("score", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgead-bench")
-    model.ir_version = 8
-    metadata = {
-        "format_version": 1, "edgead_version": "0.1.0", "method": "padim",
-        "backbone": {"name": "fake", "out_indices": [1], "strides": [4], "channels": [3], "weights": "none"},
-        "input": {"height": height, "width": width, "mean": [0.5] * 3, "std": [0.5] * 3, "channel_order": "RGB",
-                  "resize": "area"},
-        "embedding": {"dim": 3, "seed": 0, "grid": [height // 4, width // 4], "channel_indices": [0, 1, 2]},
-        "padim": {"epsilon": 0.01, "n_train": 1},
-        "postprocess": {"blur_sigma": 4.0, "blur_radius": 16},
-        "calibration": {"image_threshold": 200.0, "pixel_threshold": 200.0, "score_min": 100.0, "score_max": 255.0,
-                        "source": "validation"},
-        "export": {"mahalanobis": "onnx", "precision": "fp32", "batch": 1, "opset": 17, "input_dtype": "uint8"},
-    }
-    helper.set_model_props(model, {"edgead": json.dumps(metadata)})
-    onnx.save(model, path)
-    return path
+    return write_fake_model(path, hw=hw)
 
 
 def rss_mb(process):

@@ -17,6 +17,37 @@ def random_frames(n, hw=TINY_HW, seed=0):
     return np.stack([cv2.GaussianBlur(f, (5, 5), 1.5) for f in frames])
 
 
+def write_category(root, n_train=8, n_good=3, n_bad=3):
+    """An MVTec-layout category of random frames: train/good, test/good, test/spot (magenta discs) + masks."""
+    import os
+
+    import cv2
+
+    frames = random_frames(n_train + n_good + n_bad, seed=2)
+    os.makedirs(os.path.join(root, "train", "good"))
+    os.makedirs(os.path.join(root, "test", "good"))
+    os.makedirs(os.path.join(root, "test", "spot"))
+    os.makedirs(os.path.join(root, "ground_truth", "spot"))
+    for i in range(n_train):
+        cv2.imwrite(os.path.join(root, "train", "good", "%03d.png" % i), frames[i][:, :, ::-1])
+    for i in range(n_good):
+        cv2.imwrite(os.path.join(root, "test", "good", "%03d.png" % i), frames[n_train + i][:, :, ::-1])
+    for i in range(n_bad):
+        img = frames[n_train + n_good + i].copy()
+        mask = np.zeros(img.shape[:2], np.uint8)
+        cv2.circle(mask, (20 + 8 * i, 30), 8, 255, -1)
+        img[mask > 0] = (255, 0, 255)
+        cv2.imwrite(os.path.join(root, "test", "spot", "%03d.png" % i), img[:, :, ::-1])
+        cv2.imwrite(os.path.join(root, "ground_truth", "spot", "%03d_mask.png" % i), mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    """``write_category`` into a fresh ``widget`` folder, once per test module."""
+    return write_category(str(tmp_path_factory.mktemp("data") / "widget"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle():
     """PaDiM on resnet18 (random weights, seed 0), 64x64 input, D = 24, fitted on 12 frames."""

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from edgead.cli import cli
 
-from test_cli_workstation import _write_category
 
 FIT = ["--backbone", "resnet18", "--weights", "random", "--size", "64", "--dim", "16"]
 
@@ -35,11 +34,6 @@ def _fails_in_one_line(args, match, exit_code=2):
     assert len(lines) == 1, stderr
     assert match in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def category(tmp_path_factory):
-    return _write_category(str(tmp_path_factory.mktemp("data") / "widget"))
 
 
 @pytest.fixture(scope="module")

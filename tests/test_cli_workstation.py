@@ -2,44 +2,16 @@
 import json
 import os
 
-import cv2
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from edgead.cli import cli
 
-from conftest import random_frames
-
-
-def _write_category(root, n_train=8, n_good=3, n_bad=3):
-    frames = random_frames(n_train + n_good + n_bad, seed=2)
-    os.makedirs(os.path.join(root, "train", "good"))
-    os.makedirs(os.path.join(root, "test", "good"))
-    os.makedirs(os.path.join(root, "test", "spot"))
-    os.makedirs(os.path.join(root, "ground_truth", "spot"))
-    for i in range(n_train):
-        cv2.imwrite(os.path.join(root, "train", "good", "%03d.png" % i), frames[i][:, :, ::-1])
-    for i in range(n_good):
-        cv2.imwrite(os.path.join(root, "test", "good", "%03d.png" % i), frames[n_train + i][:, :, ::-1])
-    for i in range(n_bad):
-        img = frames[n_train + n_good + i].copy()
-        mask = np.zeros(img.shape[:2], np.uint8)
-        cv2.circle(mask, (20 + 8 * i, 30), 8, 255, -1)
-        img[mask > 0] = (255, 0, 255)
-        cv2.imwrite(os.path.join(root, "test", "spot", "%03d.png" % i), img[:, :, ::-1])
-        cv2.imwrite(os.path.join(root, "ground_truth", "spot", "%03d_mask.png" % i), mask)
-    return root
 
 
 def _run(args):
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     return result
-
-
-@pytest.fixture(scope="module")
-def category(tmp_path_factory):
-    return _write_category(str(tmp_path_factory.mktemp("data") / "widget"))
 
 
 @pytest.fixture(scope="module")
