@@ -121,15 +121,16 @@ class GaussianAccumulator:
         covariance is then the one of the remaining images, exact, because the statistics are sums.
         """
         self._check_open()
-        return self._covariance(self.outer_packed, start, stop, epsilon, scale, held_out)
-
-    def _covariance(self, sums, start, stop, epsilon, scale=1.0, held_out=None):
-        """``covariance`` from the packed ``sums`` given (``finalize`` passes them once it has taken them over)."""
         stop = self.num_patches if stop is None else stop
+        fold = None if held_out is None else _by_patch(held_out, start, stop)
+        return self._covariance(self.outer_packed, start, stop, epsilon, scale, fold)
+
+    def _covariance(self, sums, start, stop, epsilon, scale=1.0, fold=None):
+        """``covariance`` from the packed ``sums`` given (``finalize`` passes them once it has taken them over);
+        fold: the held-out images of these patches, ``[p, m, D]`` float64 (``_by_patch``)."""
         count, total = self.count, self.sum[start:stop]
         cov = self._dense_outer(sums, start, stop)
-        if held_out is not None:
-            fold = _by_patch(held_out, start, stop)  # [p, m, D]
+        if fold is not None:
             cov.baddbmm_(fold.transpose(1, 2), fold, alpha=-1.0)
             count, total = count - fold.shape[1], total - fold.sum(dim=1)
         if count < 2:
@@ -151,8 +152,9 @@ class GaussianAccumulator:
         rest = self.count - held_out.shape[0]
         out = torch.empty(held_out.shape[0], self.num_patches, dtype=torch.float64)
         for start, stop in self.chunks("held-out covariances", images=held_out.shape[0]):
-            chol = _cholesky(self.covariance(start, stop, epsilon, held_out=held_out))
-            fold = _by_patch(held_out, start, stop)  # [p, m, D]
+            self._check_open()
+            fold = _by_patch(held_out, start, stop)  # [p, m, D], converted once for the covariance and the distance
+            chol = _cholesky(self._covariance(self.outer_packed, start, stop, epsilon, fold=fold))
             rest_mean = (self.sum[start:stop] - fold.sum(dim=1)) / rest
             out[:, start:stop] = _whitened_norm2(chol, fold.sub_(rest_mean[:, None, :])).sqrt().T
         return out

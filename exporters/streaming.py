@@ -97,13 +97,8 @@ class TensorSource:
             raise ValueError("rows source ended at row {} of {}".format(expected, rows))
 
     def to_bytes(self):
-        """All bytes at once (``materialize``; the caller accepts holding the whole tensor)."""
-        buffer = bytearray(self.nbytes)
-        position = 0
-        for chunk in self.chunks():
-            buffer[position:position + len(chunk)] = chunk
-            position += len(chunk)
-        return bytes(buffer)
+        """All bytes at once (``materialize``; the caller accepts holding the whole tensor), joined from the chunks."""
+        return b"".join(self.chunks())
 
 
 def placeholder(name, source):
