@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/default_thresholds.py --out bench_out
 	$(PY) benchmarks/padim_reference.py --out bench_out
 	$(PY) benchmarks/long_run_rss.py --out bench_out
+	$(PY) benchmarks/patchcore_coreset.py --out bench_out
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --quick --out bench_out/quick
@@ -43,6 +44,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/default_thresholds.py --quick --out bench_out/quick
 	$(PY) benchmarks/padim_reference.py --quick --out bench_out/quick
 	$(PY) benchmarks/long_run_rss.py --quick --out bench_out/quick
+	$(PY) benchmarks/patchcore_coreset.py --quick --out bench_out/quick
 
 # anomalib 2.7 lives in its own venv (shares torch/timm with .venv through a .pth file).
 # ORT_INCLUDE=<onnxruntime include dir> also builds libedgead_ort.so first, so the plugin flavour is timed too
@@ -50,6 +52,7 @@ bench-anomalib: $(STAMP)
 	bash benchmarks/setup_anomalib_venv.sh
 	if [ -n "$(ORT_INCLUDE)" ]; then $(MAKE) ort-ops ORT_INCLUDE="$(ORT_INCLUDE)"; fi
 	$(PY) benchmarks/vs_anomalib.py --out bench_out
+	$(PY) benchmarks/vs_anomalib.py --method patchcore --out bench_out
 
 # GPU machine (no venv, no dependency installs, no network): builds the kernel for this GPU into build/gpu_check/,
 # checks it against float64, runs pytest -m gpu, compute-sanitizer and the kernel benchmark -> gpu_check.json.

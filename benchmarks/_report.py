@@ -34,3 +34,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def cpu_name():
+    """The CPU model from /proc/cpuinfo (``"unknown"`` elsewhere), for the headers of benchmark tables."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

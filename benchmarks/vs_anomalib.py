@@ -8,6 +8,16 @@ never overlap the other's timed runs). Also: file sizes, parity of our ONNX with
 and a per-op-type breakdown from ORT profiling.
 
     python benchmarks/vs_anomalib.py --out bench_out [--anomalib-python .venv-anomalib/bin/python]
+
+``--method patchcore``: edgead's PatchCore vs anomalib 2.7's (ResNet18 layers 2-3, random init, 256x256,
+coreset ratio 0.1, 9 neighbours, 50 training frames by default). Ours goes through the ``edgead`` CLI in
+subprocesses (fit on the frames written as PNGs, export fp16 / fp32 at batch 1 and fp16 with a dynamic
+batch). anomalib's default export pins the batch to 2, so it is timed at batch 2 (per call and per frame),
+next to the same anomalib model exported with no dynamic axes (a batch-1 graph). Peak RSS of each model in a
+fresh process (session + 30 runs); which batches each graph accepts; parity of our ONNX with our torch model.
+Writes ``vs_anomalib_patchcore.{json,csv,png}``.
+
+    python benchmarks/vs_anomalib.py --method patchcore --out bench_out [--train 50 --coreset-ratio 0.1]
 """
 import argparse
 import collections
@@ -24,7 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _anomalib_export import synthetic_frames  # noqa: E402
-from _report import pyplot, write_outputs  # noqa: E402
+from _report import cpu_name, pyplot, write_outputs  # noqa: E402
 from edgead.runtime import ort_ops  # noqa: E402
 
 
@@ -97,8 +107,9 @@ def _stage(op, shapes):
     return "other ops"
 
 
-def op_breakdown(path, feed, threads, runs=20, custom_ops=None):
-    """Mean ms per run by ONNX op type and by stage (ORT profiling), each sorted descending."""
+def op_breakdown(path, feed, threads, runs=20, custom_ops=None, stage=_stage):
+    """Mean ms per run by ONNX op type and by stage (ORT profiling; ``stage(op, shapes)`` names the stage),
+    each sorted descending."""
     with tempfile.TemporaryDirectory() as tmp:
         session = _session(path, threads, os.path.join(tmp, "prof"), custom_ops)
         for _ in range(runs + 3):  # the first 3 are warm-up; their events are dropped below
@@ -113,16 +124,18 @@ def op_breakdown(path, feed, threads, runs=20, custom_ops=None):
         ms = event["dur"] / runs / 1000.0
         op = event["args"]["op_name"]
         by_op[op] += ms
-        by_stage[_stage(op, event["args"].get("input_type_shape", []))] += ms
+        by_stage[stage(op, event["args"].get("input_type_shape", []))] += ms
 
     def ordered(d):
         return {k: round(v, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
     return {"by_op": ordered(by_op), "by_stage": ordered(by_stage)}
 
 
-def export_anomalib(python, folder, n_train, seed, size):
-    result = subprocess.run([python, os.path.join(HERE, "_anomalib_export.py"), folder, str(n_train), str(seed), str(size)],
-                            capture_output=True, text=True)
+def export_anomalib(python, folder, n_train, seed, size, method="padim", coreset_ratio=0.1):
+    command = [python, os.path.join(HERE, "_anomalib_export.py"), folder, str(n_train), str(seed), str(size)]
+    if method != "padim":
+        command += [method, repr(float(coreset_ratio))]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     if result.returncode != 0:
         sys.exit("anomalib export failed (is {} the anomalib venv? run benchmarks/setup_anomalib_venv.sh):\n{}".format(
             python, result.stderr[-2000:]))
@@ -137,7 +150,11 @@ def main():
         help="python of the anomalib 2.7 venv (benchmarks/setup_anomalib_venv.sh; env EDGEAD_ANOMALIB_PYTHON)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train", type=int, default=16, help="training frames for both fits")
+    parser.add_argument("--method", choices=("padim", "patchcore"), default="padim",
+                        help="padim (the issue #3 bar) or patchcore (vs_anomalib_patchcore.*)")
+    parser.add_argument("--train", type=int, default=None,
+                        help="training frames for both fits (default: padim 16, patchcore 50; --quick patchcore 8)")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="[patchcore] coreset ratio of both fits")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (runs per model = rounds x block)")
     parser.add_argument("--block", type=int, default=15, help="timed runs per model per round (after 3 dropped)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with both .onnx files")
@@ -148,13 +165,18 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.block = 2, 5
+    if args.train is None:
+        args.train = 16 if args.method == "padim" else (8 if args.quick else 50)
 
     if not os.path.exists(args.anomalib_python):
         sys.exit("no anomalib venv at {}: run `bash benchmarks/setup_anomalib_venv.sh` (or pass --anomalib-python)".format(
             args.anomalib_python))
     work = tempfile.mkdtemp(prefix="edgead_vs_anomalib_")
     try:
-        _run(args, work)
+        if args.method == "patchcore":
+            _run_patchcore(args, work)
+        else:
+            _run(args, work)
     finally:
         if args.keep:
             print("kept", work)
@@ -221,7 +243,7 @@ def _run(args, work):
 
     runs = timing["anomalib 2.7"]["runs"]
     print("PaDiM ResNet18 {0}x{0}, batch 1, ORT {1} CPU, {2} threads, {3} timed runs per model in {4} interleaved "
-          "rounds; {5}".format(args.size, _ort_version(), args.threads, runs, args.rounds, _cpu_name()))
+          "rounds; {5}".format(args.size, _ort_version(), args.threads, runs, args.rounds, cpu_name()))
     header = "{:<19} {:>10} {:>8} {:>8} {:>9} {:>8} {:>14} {:>14}".format(
         "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "map rel err", "same-W rel err")
     print(header + "\n" + "-" * len(header))
@@ -244,7 +266,7 @@ def _run(args, work):
         print("  {:<19} by op:    ".format("") + "  ".join("{} {:.2f}".format(k, v) for k, v in list(parts["by_op"].items())[:7]))
 
     payload = {"anomalib_version": anomalib["version"], "threads": args.threads, "size": args.size, "rows": rows,
-               "verdict": verdict, "op_breakdown_ms": breakdown, "cpu": _cpu_name(),
+               "verdict": verdict, "op_breakdown_ms": breakdown, "cpu": cpu_name(),
                "onnxruntime": _ort_version(), "runs_per_model": runs, "rounds": args.rounds, "train_frames": args.train,
                "anomalib_export": "anomalib.models.Padim(...).to_onnx(root, input_size=(H, W)) (torch.onnx dynamo, opset 14)"}
     write_outputs(args.out, "vs_anomalib", rows, payload, _plot(rows, breakdown))
@@ -254,16 +276,6 @@ def _ort_version():
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _plot(rows, breakdown):
@@ -279,6 +291,340 @@ def _plot(rows, breakdown):
     right.set_xlabel("ms per run by stage (ORT profiling)")
     return fig
 
+
+# --------------------------------------------------------------------------- PatchCore (--method patchcore)
+
+#: batches tried on every graph ("accepted batches" column)
+BATCHES = (1, 2, 3, 4)
+#: runs of each model in its peak-RSS process
+RSS_RUNS = 30
+NN_REDUCE_OPS = ("ReduceMin", "ArgMin", "TopK", "Min", "ReduceMax", "ArgMax", "Softmax")
+
+#: Peak RSS of one model in a fresh process that imports numpy + onnxruntime only: session, then RSS_RUNS runs.
+#: The peak is VmHWM (this process image's own high-water mark), not ru_maxrss: Linux carries the parent's
+#: high-water mark over fork + exec into ru_maxrss, and this parent holds torch and several sessions.
+RSS_CHILD = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+path, threads, batch, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def rss_mb(key="VmRSS:"):  # MB = 10^6 B
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024 / 1e6
+before = rss_mb()
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads
+options.inter_op_num_threads = 1
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+after_session = rss_mb()
+rng = np.random.default_rng(0)
+feed, shape = {}, None
+for value in session.get_inputs():
+    shape = [d if isinstance(d, int) else batch for d in value.shape]  # a pinned batch stays pinned
+    if value.type == "tensor(uint8)":
+        feed[value.name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        feed[value.name] = rng.random(shape, dtype=np.float32)
+for _ in range(runs):
+    session.run(None, feed)
+print(json.dumps({"rss_before_session_mb": before, "rss_after_session_mb": after_session,
+                  "rss_after_runs_mb": rss_mb(), "batch": shape[0],
+                  "peak_rss_mb": rss_mb("VmHWM:")}))
+"""
+
+#: ``python -c MEASURE OUT.json ARGV...``: runs ARGV, writes its wall time, exit code and peak RSS (``os.wait4``)
+#: to OUT.json. A small interpreter in between so that the measured child is forked from a ~10 MB process:
+#: ru_maxrss inherits the high-water mark of the process it was forked from (see RSS_CHILD).
+MEASURE = r"""
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as handle:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,
+               "wall_s": time.perf_counter() - start}, handle)
+"""
+
+
+def run_measured(argv, env=None):
+    """Run ``argv`` to the end through MEASURE; (returncode, peak RSS MB of that process, wall s, stdout, stderr)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "measure.json")
+        result = subprocess.run([sys.executable, "-c", MEASURE, report] + list(argv), capture_output=True, text=True,
+                                env=env)
+        if not os.path.exists(report):
+            return result.returncode or 1, float("nan"), float("nan"), result.stdout, result.stderr
+        with open(report) as handle:
+            measured = json.load(handle)
+    return measured["rc"], measured["peak_rss_mb"], measured["wall_s"], result.stdout, result.stderr
+
+
+def edgead_cli(*argv):
+    """``python -m edgead ARGV`` (the CLI, our stable contract) in a subprocess: (wall s, peak RSS MB, stdout)."""
+    rc, peak, wall, out, err = run_measured([sys.executable, "-m", "edgead"] + [str(a) for a in argv],
+                                            env=dict(os.environ, TQDM_DISABLE="1"))
+    if rc != 0:
+        sys.exit("edgead {} failed (rc {}):\n{}{}".format(" ".join(str(a) for a in argv), rc, out[-1500:], err[-3000:]))
+    return wall, peak, out
+
+
+def write_png_folder(frames, folder):
+    """uint8 RGB ``[N, H, W, 3]`` -> ``folder/train/good/000.png ...`` (an MVTec-style category; cv2 writes BGR)."""
+    import cv2
+
+    good = os.path.join(folder, "train", "good")
+    os.makedirs(good, exist_ok=True)
+    for i, frame in enumerate(frames):
+        if not cv2.imwrite(os.path.join(good, "{:03d}.png".format(i)), np.ascontiguousarray(frame[..., ::-1])):
+            sys.exit("could not write {}".format(good))
+    return folder
+
+
+def peak_rss(path, threads, batch, runs=RSS_RUNS):
+    """RSS_CHILD's JSON for one model (a fresh process: never the timing process)."""
+    result = subprocess.run([sys.executable, "-c", RSS_CHILD, path, str(threads), str(batch), str(runs)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit("peak-RSS run of {} failed:\n{}".format(path, result.stderr[-2000:]))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def accepted_batches(session, make_feed, batches=BATCHES):
+    """The batches of ``batches`` the session runs (anything else is refused by ORT's shape check or fails)."""
+    ok = []
+    for batch in batches:
+        try:
+            session.run(None, make_feed(batch))
+            ok.append(batch)
+        except Exception:  # noqa: BLE001 - ORT raises InvalidArgument / RuntimeException / Fail for a wrong batch
+            pass
+    return ok
+
+
+def patchcore_stage(dim, bank_size):
+    """A ``_stage`` for PatchCore graphs (anomalib's and ours): ``dim`` the embedding D, ``bank_size`` M.
+
+    MatMuls contracting over D (anomalib: ``x @ bank^T``, the score reweighting) or D + 1 (ours: ``[-2x, 1] @
+    [bank^T; |m|^2]``) are the nearest-neighbour search; the others over a 2-D ``[H, h]`` operator or a
+    ``[N, 1, H, w]`` map are our upsample+blur. Elementwise ops on an input with an M-sized axis are
+    anomalib's distance terms (``|x|^2 + |m|^2 - 2 x.m``, clamp, sqrt on ``[P, M]``)."""
+    def dims(shapes, i):
+        return list(shapes[i].values())[0] if len(shapes) > i and shapes[i] else []
+
+    def stage(op, shapes):
+        if op in CONV_OPS:
+            weight = dims(shapes, 1)
+            return "blur (Conv, kernel >= 9)" if len(weight) == 4 and max(weight[2:]) >= 9 else "backbone Conv"
+        if op in ("MatMul", "Gemm", "Einsum", "FusedMatMul"):
+            first = dims(shapes, 0)
+            if first and first[-1] in (dim, dim + 1):
+                return "nearest-neighbour MatMul"
+            if len(first) == 2 or (len(first) == 4 and first[1] == 1):
+                return "upsample+blur MatMul"
+            return "other MatMul"
+        if "patchcore" in op.lower() or "nearest" in op.lower():
+            return "nearest-neighbour (edgead op)"
+        if op in NN_REDUCE_OPS:
+            return "nearest-neighbour ReduceMin/ArgMin/TopK"
+        if op == "AveragePool":
+            return "local aggregation (AveragePool)"
+        if op == "Resize":
+            return "Resize (embedding + map upsample)"
+        if any(bank_size in dims(shapes, i) for i in range(len(shapes))):
+            return "nearest-neighbour elementwise [P, M]"
+        return "other ops"
+    return stage
+
+
+def _run_patchcore(args, work):
+    import cv2  # noqa: F401 - fail early, before the long fits, if the PNG writer is missing
+    from edgead.bundle import load_bundle
+    from edgead.exporters import compare as cmp
+
+    size, threads, ratio = args.size, args.threads, args.coreset_ratio
+    print("anomalib 2.7 PatchCore: fitting {} frames (coreset ratio {}) and exporting ...".format(args.train, ratio))
+    anomalib = export_anomalib(args.anomalib_python, os.path.join(work, "anomalib"), args.train, args.seed, size,
+                               "patchcore", ratio)
+    frames = synthetic_frames(args.train, size, args.seed)
+    data = write_png_folder(frames, os.path.join(work, "data"))
+    bundle_dir = os.path.join(work, "pc.edgead")
+    print("edgead PatchCore: fitting the same {} frames ...".format(args.train))
+    fit_s, fit_peak, _ = edgead_cli("fit", data, "-o", bundle_dir, "--method", "patchcore", "--backbone", "resnet18",
+                                    "--weights", "random", "--size", size, "--coreset-ratio", repr(ratio), "--folds", "0",
+                                    "--seed", args.seed)
+    ours = {}  # name -> (path, batch it is timed at)
+    export_s = {}
+    for name, precision, batch in (("edgead fp16", "fp16", "1"), ("edgead fp32", "fp32", "1"),
+                                   ("edgead fp16 dynamic", "fp16", "dynamic")):
+        path = os.path.join(work, name.replace(" ", "_") + ".onnx")
+        export_s[name], _, _ = edgead_cli("export", bundle_dir, "-o", path, "--precision", precision, "--batch", batch)
+        ours[name] = path
+    # the same fit at anomalib's dimension (all channels, no projection): what the default projection buys
+    full_dim = int(anomalib["embedding_dim"])
+    full_name, full_dir = "edgead fp16 D={}".format(full_dim), os.path.join(work, "pc_full.edgead")
+    edgead_cli("fit", data, "-o", full_dir, "--method", "patchcore", "--backbone", "resnet18", "--weights", "random",
+               "--size", size, "--coreset-ratio", repr(ratio), "--folds", "0", "--seed", args.seed, "--dim", full_dim)
+    ours[full_name] = os.path.join(work, "edgead_fp16_full.onnx")
+    export_s[full_name], _, _ = edgead_cli("export", full_dir, "-o", ours[full_name], "--precision", "fp16")
+
+    test = synthetic_frames(4, size, args.seed + 1)
+    test[0, 100:140, 60:120] = (255, 0, 255)
+    anomalib_input = anomalib.get("input_name", "input")
+
+    def anomalib_feed(batch):  # anomalib's graph: float32 NCHW in [0, 1], normalised inside
+        images = np.concatenate([test] * (-(-batch // len(test))))[:batch]
+        return {anomalib_input: (images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)}
+
+    def ours_feed(batch):
+        return {"image": np.ascontiguousarray(np.concatenate([test] * (-(-batch // len(test))))[:batch])}
+
+    models = {"anomalib 2.7": anomalib["onnx"], "anomalib 2.7 batch-1 export": anomalib["onnx_batch1"]}
+    models.update(ours)
+    sessions = {name: _session(path, threads) for name, path in models.items()}
+    accepted = {name: accepted_batches(sessions[name], anomalib_feed if name.startswith("anomalib") else ours_feed)
+                for name in models}
+    # timed at batch 1 where the graph takes it, else at the smallest batch it accepts (anomalib's default: 2)
+    batch_of = {name: (1 if 1 in accepted[name] else min(accepted[name])) for name in models if accepted[name]}
+    for name in models:
+        if name not in batch_of:
+            sys.exit("{} accepts none of the batches {}".format(name, BATCHES))
+    feeds = {name: (anomalib_feed if name.startswith("anomalib") else ours_feed)(batch_of[name]) for name in models}
+    print("timing {} models interleaved ({} rounds x {} runs) ...".format(len(models), args.rounds, args.block))
+    timing = time_interleaved(sessions, feeds, args.rounds, args.block)
+    del sessions  # free them before the profiling and the RSS processes
+
+    print("peak RSS: one fresh process per model ...")
+    rss = {name: peak_rss(path, threads, batch_of[name]) for name, path in models.items()}
+
+    bundle = load_bundle(bundle_dir)
+    references = {}  # bundle folder -> (torch fp32 bank, {precision: torch with the bank as exported})
+    for folder in (bundle_dir, full_dir):
+        loaded = load_bundle(folder)
+        fp32 = cmp.torch_outputs(loaded, test)
+        references[folder] = (fp32, {"fp16": cmp.torch_outputs(loaded, test, "fp16"), "fp32": fp32})
+    our_dim, our_bank = int(bundle.config["embedding"]["dim"]), int(bundle.memory_bank.shape[0])
+
+    base_name = "anomalib 2.7"
+    base_frame_ms = timing[base_name]["median_ms"] / batch_of[base_name]
+    b1_ms = timing["anomalib 2.7 batch-1 export"]["median_ms"]
+    base_bytes = _model_bytes(models[base_name])
+    base_rss = rss[base_name]["peak_rss_mb"]
+    b1_rss = rss["anomalib 2.7 batch-1 export"]["peak_rss_mb"]
+    rows, verdict = [], {}
+    for name, path in models.items():
+        batch = batch_of[name]
+        per_frame = timing[name]["median_ms"] / batch
+        row = {"model": name, "timed_batch": batch, "median_ms": round(timing[name]["median_ms"], 3),
+               "p90_ms": round(timing[name]["p90_ms"], 3), "median_ms_per_frame": round(per_frame, 3),
+               "latency_ratio": round(per_frame / base_frame_ms, 3),
+               "latency_ratio_vs_anomalib_batch1_export": round(per_frame / b1_ms, 3),
+               "mbytes": round(_model_bytes(path) / 1e6, 2), "size_ratio": round(_model_bytes(path) / base_bytes, 3),
+               "peak_rss_mb": round(rss[name]["peak_rss_mb"], 1),
+               "rss_after_session_mb": round(rss[name]["rss_after_session_mb"], 1),
+               "rss_before_session_mb": round(rss[name]["rss_before_session_mb"], 1),
+               "rss_ratio": round(rss[name]["peak_rss_mb"] / base_rss, 3),
+               "accepted_batches": " ".join(str(b) for b in accepted[name])}
+        if not name.startswith("anomalib"):
+            (ref_maps, ref_scores), same_precision = references[full_dir if name == full_name else bundle_dir]
+            sess = _session(path, threads)
+            if 1 in accepted[name]:
+                outs = [sess.run(["anomaly_map", "score"], {"image": test[i:i + 1]}) for i in range(len(test))]
+                maps, scores = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+            else:
+                maps, scores = sess.run(["anomaly_map", "score"], {"image": test})
+            if len(test) in accepted[name]:  # the whole batch at once must give the same numbers
+                bmaps, _ = sess.run(["anomaly_map", "score"], {"image": test})
+                row["batch_vs_single_max_abs"] = float(np.abs(bmaps - maps).max())
+            row["map_max_rel_vs_torch"] = float(np.abs(maps - ref_maps).max() / np.abs(ref_maps).max())
+            row["score_max_rel_vs_torch"] = float(np.abs(scores - ref_scores).max() / np.abs(ref_scores).max())
+            sp_maps, sp_scores = same_precision["fp16" if "fp16" in name else "fp32"]
+            row["map_max_rel_vs_torch_same_precision"] = float(np.abs(maps - sp_maps).max() / np.abs(sp_maps).max())
+            row["score_max_rel_vs_torch_same_precision"] = float(
+                np.abs(scores - sp_scores).max() / np.abs(sp_scores).max())
+            verdict[name] = {"latency_le_0.6x_anomalib_per_frame": row["latency_ratio"] <= 0.6,
+                             "latency_le_0.6x_anomalib_batch1_export": row["latency_ratio_vs_anomalib_batch1_export"] <= 0.6,
+                             "peak_rss_le_anomalib": row["rss_ratio"] <= 1.0,
+                             "peak_rss_le_anomalib_batch1_export": rss[name]["peak_rss_mb"] <= b1_rss,
+                             "parity_le_1e-4": row["map_max_rel_vs_torch"] <= 1e-4}
+            if "dynamic" in name:
+                verdict[name]["takes_batches_1_to_4"] = accepted[name] == list(BATCHES)
+        rows.append(row)
+
+    nn_stage = {"anomalib": patchcore_stage(int(anomalib["embedding_dim"]), int(anomalib["coreset_size"])),
+                "edgead": patchcore_stage(our_dim, our_bank)}
+    breakdown = {}
+    for name in (base_name, "anomalib 2.7 batch-1 export", "edgead fp16"):
+        breakdown[name] = op_breakdown(models[name], feeds[name], threads, stage=nn_stage[name.split()[0]])
+
+    runs = timing[base_name]["runs"]
+    print("\nPatchCore ResNet18 (layer2+layer3, random init) {0}x{0}, coreset ratio {1}, {2} training frames; "
+          "ORT {3} CPU, {4} threads, {5} timed runs per model in {6} interleaved rounds; {7}".format(
+              size, ratio, args.train, _ort_version(), threads, runs, args.rounds, cpu_name()))
+    print("anomalib {}: bank {} x {} (of {} patches), fit {:.1f} s (coreset {:.1f} s); edgead: bank {} x {}, "
+          "`edgead fit` {:.1f} s, peak RSS {:.0f} MB".format(
+              anomalib["version"], anomalib["coreset_size"], anomalib["embedding_dim"], anomalib["embeddings"],
+              anomalib["fit_s"], anomalib["coreset_s"], our_bank, our_dim, fit_s, fit_peak))
+    header = "{:<28} {:>5} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>9} {:>7} {:>9} {:>11}".format(
+        "model", "batch", "median ms", "p90 ms", "ms/frame", "ratio", "size MB", "size x", "peak RSS", "RSS x",
+        "batches", "map rel err")
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print("{:<28} {:>5} {:>9.2f} {:>8.2f} {:>9.2f} {:>7.3f} {:>8.2f} {:>7.3f} {:>9.1f} {:>7.3f} {:>9} {:>11}".format(
+            r["model"], r["timed_batch"], r["median_ms"], r["p90_ms"], r["median_ms_per_frame"], r["latency_ratio"],
+            r["mbytes"], r["size_ratio"], r["peak_rss_mb"], r["rss_ratio"], r["accepted_batches"] or "-",
+            "%.1e" % r["map_max_rel_vs_torch"] if "map_max_rel_vs_torch" in r else "-"))
+    print("batch: the batch each model was timed at (anomalib's default export takes only batch {}: its median is per "
+          "call of {} frames; ratio = ms/frame / anomalib's ms/frame). peak RSS (MB = 10^6 B): a fresh process, "
+          "session + {} runs. map rel err: max |onnx - torch| / max |torch| over {} frames, torch with the fp32 bank. "
+          "Against the anomalib batch-1 export ({:.2f} ms, {:.1f} MB peak): {}".format(
+              batch_of[base_name], batch_of[base_name], RSS_RUNS, len(test), b1_ms, b1_rss,
+              ", ".join("{} {:.3f}x".format(r["model"], r["latency_ratio_vs_anomalib_batch1_export"])
+                        for r in rows if not r["model"].startswith("anomalib"))))
+    for name, checks in verdict.items():
+        print("bar, {:<21}: ".format(name) + ", ".join("{} {}".format(k, "PASS" if v else "FAIL")
+                                                       for k, v in checks.items()))
+    print("\nwhere the time goes (ORT profiling on, 20 runs: wall ms per run of each node kernel, summed by stage / op type):")
+    for name, parts in breakdown.items():
+        print("  {:<28} by stage: ".format("{} (batch {})".format(name, batch_of[name])) + "  ".join("{} {:.2f}".format(k, v) for k, v in parts["by_stage"].items()))
+        print("  {:<28} by op:    ".format("") + "  ".join("{} {:.2f}".format(k, v) for k, v in list(parts["by_op"].items())[:8]))
+
+    payload = {"method": "patchcore", "anomalib_version": anomalib["version"], "threads": threads, "size": size,
+               "coreset_ratio": ratio, "train_frames": args.train, "rows": rows, "verdict": verdict,
+               "op_breakdown_ms": breakdown, "cpu": cpu_name(), "onnxruntime": _ort_version(), "runs_per_model": runs,
+               "rounds": args.rounds, "timed_batch": batch_of, "accepted_batches": accepted, "rss": rss,
+               "anomalib": {k: v for k, v in anomalib.items() if k not in ("onnx", "onnx_batch1")},
+               "edgead": {"fit_s": round(fit_s, 2), "fit_peak_rss_mb": round(fit_peak, 1), "bank": [our_bank, our_dim],
+                          "export_s": {k: round(v, 2) for k, v in export_s.items()}},
+               "anomalib_export": "anomalib.models.Patchcore(backbone='resnet18', layers=['layer2', 'layer3'], "
+                                  "pre_trained=False, coreset_sampling_ratio=R, num_neighbors=9).to_onnx(root, "
+                                  "input_size=(H, W)); batch-1 export: the same with dynamic_axes={}"}
+    write_outputs(args.out, "vs_anomalib_patchcore", rows, payload, _plot_patchcore(rows, breakdown, size, ratio))
+
+
+def _plot_patchcore(rows, breakdown, size, ratio):
+    plt = pyplot()
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1, 1, 1.5]})
+
+    def short(name):
+        return {"anomalib 2.7": "anomalib\n(batch 2)", "anomalib 2.7 batch-1 export": "anomalib\nb1 export"}.get(
+            name, name.replace("edgead ", "edgead\n").replace(" dynamic", "\ndynamic"))
+    names = [short(r["model"]) for r in rows]
+    colors = ["#888888" if r["model"].startswith("anomalib") else "#1f77b4" for r in rows]
+    left.bar(names, [r["median_ms_per_frame"] for r in rows], color=colors)
+    left.set_ylabel("median ms per frame")
+    left.set_title("PatchCore ResNet18 {0}x{0}, coreset {1}: latency".format(size, ratio), fontsize=9)
+    middle.bar(names, [r["peak_rss_mb"] for r in rows], color=colors)
+    middle.set_ylabel("peak RSS, MB")
+    middle.set_title("fresh process: session + {} runs".format(RSS_RUNS), fontsize=9)
+    for axis in (left, middle):
+        axis.tick_params(axis="x", labelsize=7)
+    for name, parts in breakdown.items():
+        top = list(parts["by_stage"].items())
+        right.barh([short(name).replace("\n", " ") + ": " + k for k, _ in top], [v for _, v in top])
+    right.tick_params(axis="y", labelsize=6)
+    right.set_xlabel("ms per run by stage (ORT profiling)")
+    return fig
 
 if __name__ == "__main__":
     main()

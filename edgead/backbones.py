@@ -1,7 +1,8 @@
-"""Backbone registry: name -> truncated timm feature pyramid (3 stages at strides 4, 8, 16).
+"""Backbone registry: name -> truncated timm feature pyramid (by default 3 stages at strides 4, 8, 16).
 
-Every backbone is built with ``timm.create_model(..., features_only=True, out_indices=(1, 2, 3))``
-and cut after the deepest used stage, so nothing past stride 16 is ever computed, stored or exported.
+Every backbone is built with ``timm.create_model(..., features_only=True, out_indices=...)`` (default
+``(1, 2, 3)``, PaDiM's; PatchCore uses ``(2, 3)``: strides 8 and 16) and cut after the deepest used
+stage, so nothing past it is ever computed, stored or exported.
 
 Names: ``resnet18``, ``wide_resnet50_2``, ``mobilenet_v1_025|050|075|100`` (width multiplier α),
 ``mobilenetv2_100``, ``mobilenetv3_large_100``, ``efficientnet_lite0``.
@@ -78,14 +79,15 @@ def get_spec(name):
     return BACKBONES[key]
 
 
-def _create_timm_features(spec):
+def _create_timm_features(spec, out_indices=None):
     import logging
 
     import timm
 
     logging.getLogger("timm").setLevel(logging.ERROR)  # "no pretrained config" chatter for MobileNet V1 α
 
-    kwargs = dict(pretrained=False, features_only=True, out_indices=spec.out_indices)
+    out_indices = spec.out_indices if out_indices is None else tuple(int(i) for i in out_indices)
+    kwargs = dict(pretrained=False, features_only=True, out_indices=out_indices)
     if spec.alpha is not None:
         from timm.models import efficientnet as timm_efficientnet
 
@@ -108,16 +110,19 @@ def arch_name(spec):
     return spec.timm_name if spec.alpha is None else "mobilenetv1_%03d" % round(spec.alpha * 100)
 
 
-def create_feature_extractor(name, input_hw=None):
+def create_feature_extractor(name, input_hw=None, out_indices=None):
     """Build the truncated feature extractor for ``name`` with random init, in eval mode.
 
-    Returns an ``nn.Module`` mapping ``[N, 3, H, W]`` float32 (normalised) to a list of three
-    feature maps ``[N, C_i, H/s_i, W/s_i]`` with strides ``s = (4, 8, 16)``.
+    Returns an ``nn.Module`` mapping ``[N, 3, H, W]`` float32 (normalised) to a list of feature maps
+    ``[N, C_i, H/s_i, W/s_i]``, one per entry of ``out_indices``: strides ``s = (4, 8, 16)`` for the
+    default ``(1, 2, 3)``, ``(8, 16)`` for ``(2, 3)``. Blocks after the deepest one are dropped.
     input_hw: the fixed model input size ``(H, W)``; TF "SAME" convolutions then get constant pads
     for it (``freeze_same_padding``) and refuse other sizes. None keeps timm's size-dependent pads.
+    out_indices: timm feature stages to return (None: ``BackboneSpec.out_indices``, i.e. ``(1, 2, 3)``);
+    a bundle's are recorded in model.json ``backbone.out_indices``.
     """
     spec = get_spec(name)
-    model = _truncate(_create_timm_features(spec))
+    model = _truncate(_create_timm_features(spec, out_indices))
     model.eval()  # before the shape probe in freeze_same_padding: BN statistics stay untouched
     if input_hw is not None:
         freeze_same_padding(model, input_hw)
@@ -127,7 +132,8 @@ def create_feature_extractor(name, input_hw=None):
 
 
 def stage_info(model):
-    """(channels, strides) of the returned stages of a feature extractor from ``create_feature_extractor``."""
+    """(channels, strides) of the returned stages of a feature extractor from ``create_feature_extractor``
+    (whatever its ``out_indices``), as lists of int."""
     return list(model.feature_info.channels()), list(model.feature_info.reduction())
 
 

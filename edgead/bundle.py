@@ -1,11 +1,14 @@
 """Model bundles: a folder with ``model.json`` (config) and one weights file (tensors). No pickle.
 
+``Bundle`` holds what every method shares (config, backbone, save, load); each method subclasses it with its
+statistics (``PadimBundle``) and registers how to assemble one from a weights file (``edgead.methods``).
 The weights file, ``weights-<first 16 hex digits of its SHA-256>.safetensors``, holds the truncated
-backbone (``backbone.*``), ``padim.mean [P, D]`` float32 and ``padim.whitening_packed [P, T]`` float32.
+backbone (``backbone.*``) and the method's tensors, named after it: PaDiM's ``padim.mean [P, D]`` float32
+and ``padim.whitening_packed [P, T]`` float32.
 ``model.json`` names it (``weights_file``) and records its full SHA-256 (``weights_sha256``, mandatory),
 so a mismatched pair is caught on load. Bundles of edgead 0.1 name no file: theirs is ``weights.safetensors``.
 
-Saving switches a bundle as a whole, in one step (``PadimBundle.save``): the new weights go to a new
+Saving switches a bundle as a whole, in one step (``Bundle.save``): the new weights go to a new
 file name, the old bundle's files stay untouched, and renaming the new ``model.json`` over the old one
 is the switch. A process killed at any point leaves either the old bundle or the new one loadable,
 never a mix; the next save removes what such a crash left behind.
@@ -19,7 +22,7 @@ import re
 import numpy as np
 import torch
 
-from edgead import __version__, atomic, backbones, packing
+from edgead import __version__, atomic, backbones
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess
 from edgead.errors import BundleError
 from edgead.model import PadimHead, PadimModel
@@ -34,7 +37,156 @@ WEIGHTS_FILE_PATTERN = re.compile(r"^weights(-[0-9a-f]{16})?\.safetensors$")
 _STALE_TEMP = re.compile(r"^\.(model|weights[-0-9a-f]*)\..+\.tmp\.(json|safetensors)$")
 
 
-class PadimBundle:
+class Bundle:
+    """What every method's fitted detector shares; one subclass per method (``PadimBundle``, PatchCore's ...).
+
+    config: the model.json dict (see docs/CONTRACTS.md; ``config["method"]`` names the method); backbone_state:
+    the truncated backbone tensors; path: the folder it was loaded from or saved to (None for a bundle fitted in
+    memory). Subclasses hold their statistics and implement ``tensors_to_save``, ``frame_embedding`` and
+    ``model`` (and, where they differ from the defaults, ``export_front_end``, ``with_storage_precision``,
+    ``close``). ``load_bundle`` builds them through the method registry (``Method.assemble``).
+    """
+
+    def __init__(self, config, backbone_state, path=None):
+        self.config = config
+        self.backbone_state = backbone_state
+        self.path = path
+
+    @property
+    def method(self):
+        """model.json ``method`` (``padim``, ``patchcore``, ...)."""
+        return self.config.get("method")
+
+    @property
+    def input_hw(self):
+        """``(H, W)``: the model input size."""
+        return self.config["input"]["height"], self.config["input"]["width"]
+
+    # ---- what a method provides ------------------------------------------------------------------
+    def tensors_to_save(self):
+        """``{weights-file key: tensor}`` of the method's statistics (keys prefixed with the method name, e.g.
+        ``padim.mean``); ``save`` adds the backbone's as ``backbone.*``."""
+        raise NotImplementedError
+
+    def frame_embedding(self, prune_deepest=False):
+        """The torch front end: uint8 frames ``[N, H, W, 3]`` -> the method's embedding ``[N, D, h, w]``, eval mode.
+
+        prune_deepest: compute only what the head reads in the deepest block (export; a method may ignore it)."""
+        raise NotImplementedError
+
+    def model(self):
+        """The torch scoring model: uint8 ``[N, H, W, 3]`` -> (anomaly_map ``[N, 1, H, W]``, score ``[N]``) float32,
+        eval mode (what eval, compare and the demo run)."""
+        raise NotImplementedError
+
+    def export_front_end(self):
+        """The ``nn.Module`` traced as the ONNX front end (uint8 frames in, one output named ``embedding``, what
+        ``Method.build_onnx_head`` reads). Default: ``frame_embedding()``."""
+        return self.frame_embedding()
+
+    def with_storage_precision(self, precision):
+        """A bundle whose statistics are rounded as an export of ``precision`` (``fp32`` | ``fp16``) stores them,
+        so a comparison separates backend error from storage rounding (``exporters.compare``). Default: the
+        method stores nothing at reduced precision, so ``self``."""
+        check_precision(precision)
+        return self
+
+    # ---- shared ----------------------------------------------------------------------------------
+    def feature_extractor(self):
+        """The truncated backbone (the stages ``backbone.out_indices`` of model.json) with the bundle's weights."""
+        cfg = self.config["backbone"]
+        extractor = backbones.create_feature_extractor(cfg["name"], self.input_hw, cfg.get("out_indices"))
+        extractor.load_state_dict(self.backbone_state)
+        return extractor
+
+    def close(self):
+        """Release files a lazily loaded bundle keeps open (none by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, folder):
+        """Write this bundle to ``folder``, switching from any bundle already there in one step.
+
+        The weights file holds ``backbone.*`` and ``tensors_to_save()`` (safetensors metadata format
+        ``edgead-<method>``). Steps (each an ``atomic.fault_point`` the crash tests kill at): the weights go to a
+        temp file, renamed to their content-addressed name (the old bundle's weights file is a different name and
+        stays); ``model.json`` naming them goes to a temp file and is renamed over the old one: that
+        rename is the switch. Then files no bundle names any more and temp files of crashed saves
+        are removed. The folder is locked (``flock``) for the duration, so two saves cannot interleave.
+        Raises BundleError when ``folder`` is a file or a folder that holds something else.
+        """
+        from safetensors.torch import save_file
+
+        folder = os.fspath(folder)
+        check_bundle_target(folder)
+        _check_config_before_save(self.config, folder)  # nothing written when the new model.json would be refused
+        os.makedirs(folder, exist_ok=True)
+        tensors = {"backbone." + k: v.detach().contiguous().cpu() for k, v in self.backbone_state.items()}
+        tensors.update(self.tensors_to_save())
+        metadata = {"format": "edgead-{}".format(self.method), "format_version": str(FORMAT_VERSION)}
+        with atomic.locked(folder):
+            with atomic.temp_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
+                save_file(tensors, tmp, metadata=metadata)
+                atomic.set_default_mode(tmp)
+                atomic.fsync_path(tmp)
+                digest = _sha256(tmp)
+                atomic.fault_point("bundle.weights-written")
+                weights_file = "weights-{}.safetensors".format(digest[:16])
+                os.replace(tmp, os.path.join(folder, weights_file))  # a new name: the old bundle still loads
+                atomic.fault_point("bundle.weights-renamed")
+            config = dict(self.config)
+            config["format_version"] = FORMAT_VERSION
+            config["edgead_version"] = __version__
+            config["weights_file"] = weights_file
+            config["weights_sha256"] = digest
+            atomic.write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
+            atomic.fault_point("bundle.switched")
+            _remove_leftovers(folder, keep=weights_file)
+        self.config = config
+        self.path = folder
+        return folder
+
+
+#: ``precision`` values of ``Bundle.with_storage_precision`` (and of ``edgead export --precision``)
+PRECISIONS = ("fp32", "fp16")
+
+
+def check_precision(precision):
+    """``precision`` when it is ``fp32`` or ``fp16``; ValueError otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError("precision must be 'fp32' or 'fp16', not {!r}".format(precision))
+    return precision
+
+
+def check_backbone(bundle, folder, weights_path):
+    """The backbone checks every method's ``assemble`` runs: the truncated backbone (model.json's name, input
+    size and ``backbone.out_indices``) takes the bundle's backbone tensors, and its stage channels and strides
+    are the ones model.json records. BundleError (one line) otherwise; returns the extractor."""
+    config = bundle.config
+    try:
+        extractor = bundle.feature_extractor()
+    except RuntimeError as exc:
+        raise BundleError("{}: backbone weights do not fit {} ({})".format(
+            weights_path, config["backbone"]["name"], str(exc).splitlines()[0]))
+    except Exception as exc:  # e.g. out_indices naming stages the network does not have (IndexError in timm)
+        raise BundleError("{}: backbone {} with out_indices {} cannot be built ({}: {})".format(
+            os.path.join(folder, CONFIG_NAME), config["backbone"]["name"], config["backbone"].get("out_indices"),
+            type(exc).__name__, (str(exc).splitlines() or [""])[0]))
+    channels, strides = backbones.stage_info(extractor)
+    if list(channels) != list(config["backbone"]["channels"]) or list(strides) != list(config["backbone"]["strides"]):
+        raise BundleError("{}: backbone.channels {} / strides {} differ from the {} network edgead builds "
+                          "(channels {}, strides {})".format(
+                              os.path.join(folder, CONFIG_NAME), config["backbone"]["channels"],
+                              config["backbone"]["strides"], config["backbone"]["name"], channels, strides))
+    return extractor
+
+
+class PadimBundle(Bundle):
     """Everything a fitted PaDiM detector is made of.
 
     config: the model.json dict (see docs/CONTRACTS.md); backbone_state: truncated backbone tensors;
@@ -45,11 +197,9 @@ class PadimBundle:
     """
 
     def __init__(self, config, backbone_state, mean, whitening_packed, path=None):
-        self.config = config
-        self.backbone_state = backbone_state
+        super().__init__(config, backbone_state, path)
         self.mean = mean
         self.whitening_packed = whitening_packed
-        self.path = path
 
     def __repr__(self):
         return "PadimBundle({!r}, backbone {}, mean {}{})".format(
@@ -101,11 +251,18 @@ class PadimBundle:
         if self._whitening_reader is not None:
             self._whitening_reader.close()
 
-    def __enter__(self):
-        return self
+    def tensors_to_save(self):
+        """``padim.mean`` and ``padim.whitening_packed``, float32 (a lazy bundle reads its whitening now)."""
+        return {MEAN_KEY: self.mean.contiguous().to(torch.float32),
+                WHITENING_KEY: self.whitening_packed.contiguous().to(torch.float32)}
 
-    def __exit__(self, *exc):
-        self.close()
+    def with_storage_precision(self, precision):
+        """This bundle with the packed whitening rounded to ``precision`` (what an export of it stores; the mean
+        stays float32): ``self`` for ``fp32``."""
+        if check_precision(precision) == "fp32":
+            return self
+        return PadimBundle(self.config, self.backbone_state, self.mean,
+                           self.whitening_packed.to(torch.float16).to(torch.float32), path=self.path)
 
     # ---- building torch modules -------------------------------------------------------------
     def frame_embedding(self, prune_deepest=False):
@@ -114,13 +271,15 @@ class PadimBundle:
         prune_deepest: compute only the chosen channels in the deepest block (export; see edgead.pruning).
         """
         cfg = self.config
-        extractor = backbones.create_feature_extractor(cfg["backbone"]["name"], self.input_hw)
-        extractor.load_state_dict(self.backbone_state)
         patch = PatchEmbedding(
-            extractor, cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"], cfg["backbone"]["strides"],
-            prune_deepest=prune_deepest,
+            self.feature_extractor(), cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"],
+            cfg["backbone"]["strides"], prune_deepest=prune_deepest,
         )
         return FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
+
+    def export_front_end(self):
+        """``frame_embedding(prune_deepest=True)``: the deepest block computes only the chosen channels."""
+        return self.frame_embedding(prune_deepest=True)
 
     def model(self):
         """The full PadimModel (uint8 frames -> map, score), eval mode."""
@@ -130,52 +289,6 @@ class PadimBundle:
             cfg["postprocess"]["blur_sigma"], cfg["embedding"]["grid"],
         )
         return PadimModel(self.frame_embedding(), head).eval()
-
-    @property
-    def input_hw(self):
-        return self.config["input"]["height"], self.config["input"]["width"]
-
-    # ---- persistence -------------------------------------------------------------------------
-    def save(self, folder):
-        """Write this bundle to ``folder``, switching from any bundle already there in one step.
-
-        Steps (each an ``atomic.fault_point`` the crash tests kill at): the weights go to a temp file,
-        renamed to their content-addressed name (the old bundle's weights file is a different name and
-        stays); ``model.json`` naming them goes to a temp file and is renamed over the old one: that
-        rename is the switch. Then files no bundle names any more and temp files of crashed saves
-        are removed. The folder is locked (``flock``) for the duration, so two saves cannot interleave.
-        Raises BundleError when ``folder`` is a file or a folder that holds something else.
-        """
-        from safetensors.torch import save_file
-
-        folder = os.fspath(folder)
-        check_bundle_target(folder)
-        _check_config_before_save(self.config, folder)  # nothing written when the new model.json would be refused
-        os.makedirs(folder, exist_ok=True)
-        tensors = {"backbone." + k: v.detach().contiguous().cpu() for k, v in self.backbone_state.items()}
-        tensors["padim.mean"] = self.mean.contiguous().to(torch.float32)
-        tensors["padim.whitening_packed"] = self.whitening_packed.contiguous().to(torch.float32)
-        with atomic.locked(folder):
-            with atomic.temp_path(os.path.join(folder, WEIGHTS_NAME)) as tmp:
-                save_file(tensors, tmp, metadata={"format": "edgead-padim", "format_version": str(FORMAT_VERSION)})
-                atomic.set_default_mode(tmp)
-                atomic.fsync_path(tmp)
-                digest = _sha256(tmp)
-                atomic.fault_point("bundle.weights-written")
-                weights_file = "weights-{}.safetensors".format(digest[:16])
-                os.replace(tmp, os.path.join(folder, weights_file))  # a new name: the old bundle still loads
-                atomic.fault_point("bundle.weights-renamed")
-            config = dict(self.config)
-            config["format_version"] = FORMAT_VERSION
-            config["edgead_version"] = __version__
-            config["weights_file"] = weights_file
-            config["weights_sha256"] = digest
-            atomic.write_text(os.path.join(folder, CONFIG_NAME), json.dumps(config, indent=2) + "\n")
-            atomic.fault_point("bundle.switched")
-            _remove_leftovers(folder, keep=weights_file)
-        self.config = config
-        self.path = folder
-        return folder
 
 
 def _check_config_before_save(config, folder):
@@ -280,11 +393,14 @@ def weights_file_path(folder, config=None):
 
 
 def load_bundle(folder, lazy_statistics=False):
-    """Load and validate a bundle folder. Raises BundleError for missing, truncated, corrupt or mismatched files.
+    """Load and validate a bundle folder: the method's ``Bundle`` subclass, built by ``Method.assemble`` of the
+    method model.json names (``edgead.methods``). Raises BundleError for missing, truncated, corrupt or mismatched
+    files.
 
-    lazy_statistics: keep ``padim.whitening_packed`` (``P x T`` float32, 2.48 GB for wide_resnet50_2) on disk:
-    the bundle holds the weights file open (opened, checksummed and validated under the folder's shared lock, so
-    a later save that replaces or removes the file changes nothing it reads) and reads row blocks on demand
+    lazy_statistics: keep the method's large statistics (``Method.lazy_tensors``; PaDiM: ``padim.whitening_packed``,
+    ``P x T`` float32, 2.48 GB for wide_resnet50_2) on disk; every other tensor is read into memory. The bundle
+    holds the weights file open (opened, checksummed and validated under the folder's shared lock, so a later save
+    that replaces or removes the file changes nothing it reads) and reads row blocks on demand
     (``PadimBundle.iter_whitening_rows``; what ``edgead export`` streams). Every check of the eager load runs,
     with the same messages (NaN/Inf block by block). Close it with ``bundle.close()`` or ``with``.
     """
@@ -302,14 +418,26 @@ def load_bundle(folder, lazy_statistics=False):
     try:
         return _assemble(folder, config, tensors, weights_path)
     except BaseException:
-        reader = tensors.get(WHITENING_KEY)
-        if isinstance(reader, LazyWhitening):
-            reader.close()
+        for reader in tensors.values():
+            if isinstance(reader, LazyWhitening):
+                reader.close()
         raise
 
 
 MEAN_KEY = "padim.mean"
 WHITENING_KEY = "padim.whitening_packed"
+
+
+def method_of(config, folder):
+    """The registered ``Method`` that model.json ``config`` names; BundleError (one line naming model.json) when
+    this edgead has none by that name."""
+    from edgead.errors import ConfigError
+    from edgead.methods import get_method
+
+    try:
+        return get_method(config["method"])
+    except ConfigError as exc:
+        raise BundleError("{}: {}".format(os.path.join(folder, CONFIG_NAME), exc))
 
 
 def _weights_to_read(folder):
@@ -344,15 +472,18 @@ def _read_locked(folder, load_file, SafetensorError):
 
 
 def _read_locked_lazy(folder):
-    """As ``_read_locked``, but ``padim.whitening_packed`` is a ``LazyWhitening`` over one open descriptor of the
-    weights file: the checksum is computed through it and every later read goes through it."""
+    """As ``_read_locked``, but the method's ``lazy_tensors`` (PaDiM: ``padim.whitening_packed``) are
+    ``LazyWhitening`` readers over one open descriptor of the weights file (a duplicate of it each after the
+    first): the checksum is computed through it and every later read goes through it."""
     from safetensors import SafetensorError, safe_open
 
     config, weights_path, expected = _weights_to_read(folder)
+    lazy_keys = method_of(config, folder).lazy_tensors
     try:
         fd = os.open(weights_path, os.O_RDONLY)
     except OSError as exc:
         raise BundleError("{}: cannot read ({})".format(weights_path, exc))
+    tensors = {}
     try:
         if _sha256_fd(fd) != expected:
             raise _checksum_error(weights_path)
@@ -363,17 +494,25 @@ def _read_locked_lazy(folder):
                 handle = safe_open(_fd_path(fd, weights_path), framework="pt")
             with handle:
                 keys = list(handle.keys())
-                tensors = {key: handle.get_tensor(key) for key in keys if key != WHITENING_KEY}
+                tensors = {key: handle.get_tensor(key) for key in keys if key not in lazy_keys}
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError("{}: cannot read safetensors ({})".format(weights_path, exc))
-        if WHITENING_KEY in keys:
-            tensors[WHITENING_KEY] = _lazy_tensor(fd, weights_path, WHITENING_KEY)
-        else:
-            os.close(fd)  # _assemble reports the missing tensor
+        for key in lazy_keys:  # a missing one is reported by the method's assemble
+            if key in keys:
+                reader_fd = os.dup(fd)  # the same open file (checked above), one descriptor per reader
+                try:
+                    tensors[key] = _lazy_tensor(reader_fd, weights_path, key)
+                except BaseException:
+                    os.close(reader_fd)
+                    raise
     except BaseException:
+        for reader in tensors.values():
+            if isinstance(reader, LazyWhitening):
+                reader.close()
+        raise
+    finally:
         with contextlib.suppress(OSError):
             os.close(fd)
-        raise
     return config, tensors, weights_path
 
 
@@ -407,7 +546,7 @@ def _lazy_tensor(fd, weights_path, key):
     itemsize = np.dtype(_LAZY_DTYPES[dtype_name]).itemsize if dtype_name in _LAZY_DTYPES else None
     if itemsize is not None and (begin < 0 or end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize):
         raise unreadable("{}: data_offsets {} do not hold {} {}".format(key, [begin, end], dtype_name, shape))
-    return LazyWhitening(fd, weights_path, 8 + header_len + begin, tuple(shape), dtype_name)
+    return LazyWhitening(fd, weights_path, 8 + header_len + begin, tuple(shape), dtype_name, key)
 
 
 def _pread_bytes(fd, count, offset):
@@ -417,8 +556,9 @@ def _pread_bytes(fd, count, offset):
     return data
 
 
-def _pread_into(fd, view, offset, path):
-    """Fill the byte memoryview ``view`` from ``fd`` at ``offset`` (positional reads: no file position, no mmap)."""
+def _pread_into(fd, view, offset, path, key=WHITENING_KEY):
+    """Fill the byte memoryview ``view`` from ``fd`` at ``offset`` (positional reads: no file position, no mmap);
+    key: the tensor being read (named when the file ends early)."""
     while len(view):
         if hasattr(os, "preadv"):
             count = os.preadv(fd, [view], offset)
@@ -428,7 +568,7 @@ def _pread_into(fd, view, offset, path):
             view[:count] = data
         if count <= 0:
             raise BundleError("{}: ends at byte {}, inside {} (the file was cut after it was checked)".format(
-                path, offset, WHITENING_KEY))
+                path, offset, key))
         view, offset = view[count:], offset + count
 
 
@@ -456,15 +596,17 @@ _sha256_fd = _sha256_of_fd
 
 
 class LazyWhitening:
-    """``padim.whitening_packed`` left in the weights file: positional reads (``os.preadv``) through a descriptor
-    opened while the bundle was checked, so a save that replaces or removes the file later changes nothing read
-    here (the kernel keeps an unlinked file's data while it is open). No mmap: read blocks are the only memory.
+    """A tensor left in the weights file (``padim.whitening_packed``, or another method's ``lazy_tensors``):
+    positional reads (``os.preadv``) through a descriptor opened while the bundle was checked, so a save that
+    replaces or removes the file later changes nothing read here (the kernel keeps an unlinked file's data while
+    it is open). No mmap: read blocks are the only memory.
 
-    shape ``(P, T)``; dtype_name: the safetensors dtype; blocks come back as float32 (another stored type is
-    converted block by block).
+    shape ``(P, T)`` (rows first); dtype_name: the safetensors dtype; blocks come back as float32 (another stored
+    type is converted block by block); key: the tensor's name in the weights file.
     """
 
-    def __init__(self, fd, path, offset, shape, dtype_name="F32"):
+    def __init__(self, fd, path, offset, shape, dtype_name="F32", key=WHITENING_KEY):
+        self.key = key
         self._fd = fd
         self.path = path
         self.offset = int(offset)
@@ -494,13 +636,14 @@ class LazyWhitening:
             raise BundleError("{}: the bundle was closed; load it again to read its statistics".format(self.path))
         if self.dtype is None:
             raise BundleError("{}: {} is stored as {}, which edgead cannot read lazily; load the bundle without "
-                              "lazy_statistics".format(self.path, WHITENING_KEY, self.dtype_name))
+                              "lazy_statistics".format(self.path, self.key, self.dtype_name))
         count = max(0, int(stop) - int(start))
         block_shape = (count,) + self.shape[1:]
         native = self.dtype == np.dtype(np.float32)
         raw = out if (out is not None and native) else np.empty(block_shape, self.dtype)
         if raw.nbytes:
-            _pread_into(self._fd, memoryview(raw).cast("B"), self.offset + int(start) * self._row_bytes(), self.path)
+            _pread_into(self._fd, memoryview(raw).cast("B"), self.offset + int(start) * self._row_bytes(), self.path,
+                        self.key)
         if native:
             return raw
         if self.dtype_name == "BF16":  # the upper half of a float32
@@ -532,38 +675,13 @@ class LazyWhitening:
 
 
 def _assemble(folder, config, tensors, weights_path):
-    """Check the tensors against model.json and the network edgead builds; the PadimBundle."""
-    for key in (MEAN_KEY, WHITENING_KEY):
-        if key not in tensors:
-            raise BundleError("{}: tensor {} missing".format(weights_path, key))
-    grid_h, grid_w = config["embedding"]["grid"]
-    num_patches, dim = grid_h * grid_w, len(config["embedding"]["channel_indices"])
-    mean, whitening = tensors[MEAN_KEY], tensors[WHITENING_KEY]
-    if tuple(mean.shape) != (num_patches, dim):
-        raise BundleError("{}: padim.mean has shape {}, model.json implies {}".format(
-            weights_path, tuple(mean.shape), (num_patches, dim)))
-    if tuple(whitening.shape) != (num_patches, packing.packed_length(dim)):
-        raise BundleError("{}: padim.whitening_packed has shape {}, model.json implies {}".format(
-            weights_path, tuple(whitening.shape), (num_patches, packing.packed_length(dim))))
-    if not (torch.isfinite(mean).all() and _all_finite(whitening)):
-        raise BundleError("{}: statistics contain NaN or Inf".format(weights_path))
-    backbone_state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    bundle = PadimBundle(config, backbone_state, mean, whitening, path=folder)
-    try:
-        embedding = bundle.frame_embedding()
-    except RuntimeError as exc:
-        raise BundleError("{}: backbone weights do not fit {} ({})".format(
-            weights_path, config["backbone"]["name"], str(exc).splitlines()[0]))
-    channels, strides = backbones.stage_info(embedding.patch_embedding.extractor)
-    if list(channels) != list(config["backbone"]["channels"]) or list(strides) != list(config["backbone"]["strides"]):
-        raise BundleError("{}: backbone.channels {} / strides {} differ from the {} network edgead builds "
-                          "(channels {}, strides {})".format(
-                              os.path.join(folder, CONFIG_NAME), config["backbone"]["channels"],
-                              config["backbone"]["strides"], config["backbone"]["name"], channels, strides))
-    return bundle
+    """The tensors checked against model.json and the network edgead builds, by the method model.json names
+    (``Method.assemble``): its ``Bundle``."""
+    return method_of(config, folder).assemble(folder, config, tensors, weights_path)
 
 
-def _all_finite(whitening):
-    if isinstance(whitening, LazyWhitening):
-        return whitening.all_finite()
-    return bool(torch.isfinite(whitening).all())
+def all_finite(tensor):
+    """True when a tensor, or a ``LazyWhitening`` reader (read block by block), holds no NaN or Inf."""
+    if isinstance(tensor, LazyWhitening):
+        return tensor.all_finite()
+    return bool(torch.isfinite(tensor).all())

@@ -11,7 +11,8 @@ from edgead.data import ImageBatches, read_image, read_mask
 
 @torch.no_grad()
 def score_images(model, paths, input_hw, batch_size=8, desc=None, resize="area"):
-    """Run the torch PadimModel over ``paths``: (maps ``[N, H, W]`` float32, scores ``[N]`` float32)."""
+    """Run a bundle's torch scoring model (``bundle.model()``, any method) over ``paths``: (maps ``[N, H, W]``
+    float32, scores ``[N]`` float32)."""
     maps, scores = [], []
     for frames, _ in ImageBatches(paths, input_hw, batch_size=batch_size, resize=resize, desc=desc):
         amap, score = model(torch.from_numpy(frames))
@@ -36,7 +37,7 @@ def rates_at_threshold(labels, scores, threshold):
 
 def evaluate_category(bundle, category, out_dir=None, overlays=True, batch_size=8, max_overlays=None,
                       keep_scores=False):
-    """Score ``category`` (an ``MvtecCategory``) with ``bundle``.
+    """Score ``category`` (an ``MvtecCategory``) with ``bundle`` (any method: its torch model, ``bundle.model()``).
 
     Returns a dict: ``category``, ``n_good``, ``n_defect``, ``image_auroc``, ``pixel_auroc``, ``pro``
     (AUPRO up to FPR 0.3), ``image_f1_max``; ``threshold`` (the bundle's image threshold, None when
@@ -117,32 +118,68 @@ def _spread(samples, limit):
 
 _TABLE_COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("PRO@0.3", "pro"),
                   ("F1-max", "image_f1_max"), ("FPR@thr", "fpr"), ("recall@thr", "recall"))
+#: shown when some result has it: median latency of the exported model (``onnx_ms_per_frame``)
+_LATENCY_COLUMN = ("ms/frame", "ms_per_frame")
 
 
 def format_table(results):
-    """Plain-text metrics table (one row per category + mean).
+    """Plain-text metrics table: one row per result (category) and a mean row per method with several.
 
-    FPR@thr / recall@thr: good images flagged / defective images flagged at the bundle's default
-    image threshold (no labels used to set it).
+    A ``method`` column appears when the results name one (``result["method"]``, the demo's method x category
+    table), an ``ms/frame`` column when some have ``ms_per_frame``. FPR@thr / recall@thr: good images flagged /
+    defective images flagged at the bundle's default image threshold (no labels used to set it).
     """
-    header = "{:<16} {:>6} {:>6} ".format("category", "good", "defect") + " ".join(
-        "{:>11}".format(title) for title, _ in _TABLE_COLUMNS)
+    with_method = any(r.get("method") for r in results)
+    columns = _TABLE_COLUMNS + ((_LATENCY_COLUMN,) if any(r.get("ms_per_frame") is not None for r in results)
+                                else ())
+    lead = "{:<10} ".format("method") if with_method else ""
+    header = lead + "{:<16} {:>6} {:>6} ".format("category", "good", "defect") + " ".join(
+        "{:>11}".format(title) for title, _ in columns)
 
-    def row(label, good, defect, values):
-        return "{:<16} {:>6} {:>6} ".format(label[:16], good, defect) + " ".join(
-            "{:>11.3f}".format(v) for v in values)
+    def cell(key, value):
+        value = float("nan") if value is None else value
+        return "{:>11.1f}".format(value) if key == _LATENCY_COLUMN[1] else "{:>11.3f}".format(value)
 
+    def row(method, label, good, defect, values):
+        first = "{:<10} ".format(str(method)[:10]) if with_method else ""
+        return first + "{:<16} {:>6} {:>6} ".format(label[:16], good, defect) + " ".join(
+            cell(key, v) for (_, key), v in zip(columns, values))
+
+    groups = {}
+    for r in results:  # in order of first appearance
+        groups.setdefault(r.get("method") or "", []).append(r)
     lines = [header, "-" * len(header)]
-    for r in results:
-        lines.append(row(r["category"], r["n_good"], r["n_defect"], [r[key] for _, key in _TABLE_COLUMNS]))
-    if len(results) > 1:
-        lines.append(row("mean", "", "", [_nanmean([r[key] for r in results]) for _, key in _TABLE_COLUMNS]))
+    for method, group in groups.items():
+        for r in group:
+            lines.append(row(method, r["category"], r["n_good"], r["n_defect"], [r.get(key) for _, key in columns]))
+        if len(group) > 1:
+            lines.append(row(method, "mean", "", "", [_nanmean([r.get(key) for r in group]) for _, key in columns]))
     return "\n".join(lines)
 
 
 def _nanmean(values):
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray([float("nan") if v is None else v for v in values], dtype=np.float64)
     return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
+def onnx_ms_per_frame(onnx_path, frames, threads=2, warmup=3, runs=20):
+    """Median wall time (ms) of one frame through an exported model on ONNX Runtime CPU (``threads`` intra-op
+    threads, batch 1): ``warmup`` untimed runs, then ``runs`` timed ones, cycling through ``frames`` (uint8
+    ``[N, H, W, 3]``)."""
+    import time
+
+    from edgead.runtime.engines import open_engine
+
+    frames = np.ascontiguousarray(frames)
+    times = []
+    with open_engine(onnx_path, backend="onnxruntime", providers=("cpu",), threads=threads) as engine:
+        for i in range(warmup + runs):
+            frame = frames[i % len(frames)][None]
+            started = time.perf_counter()
+            engine.infer(frame)
+            if i >= warmup:
+                times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1e3)
 
 
 def write_json(path, payload):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgead import backbones, blur, padim, resources, thresholds
+from edgead import backbones, blur, model_config, padim, resources, thresholds
 from edgead.bundle import PadimBundle
 from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_channels
 from edgead.errors import ConfigError, DataError
@@ -20,10 +20,9 @@ MAP_SLICE = 16
 def make_config(backbone_name, weights_description, extractor, input_hw, dim, seed, blur_sigma=4.0):
     """model.json dict for a new PaDiM model (statistics-dependent fields filled in by ``fit_padim``)."""
     spec = backbones.get_spec(backbone_name)
-    height, width = (int(v) for v in input_hw)
-    channels, strides = backbones.stage_info(extractor)
-    if height % strides[-1] or width % strides[-1]:
-        raise ConfigError("input size {}x{} must be a multiple of {}".format(height, width, strides[-1]))
+    config = model_config.shared_config("padim", backbone_name, weights_description, extractor, input_hw,
+                                        spec.out_indices, blur_sigma)
+    channels = config["backbone"]["channels"]
     if dim is None:
         dim = min(spec.default_dim, sum(channels))  # the default adapts to a narrow backbone; an explicit --dim never
     else:
@@ -33,34 +32,10 @@ def make_config(backbone_name, weights_description, extractor, input_hw, dim, se
                               "--dim {} or less".format(dim, sum(channels), spec.name, " + ".join(map(str, channels)),
                                                         list(spec.out_indices), sum(channels)))
     indices = choose_channels(sum(channels), dim, seed)
-    return {
-        "method": "padim",
-        "backbone": {
-            "name": spec.name,
-            "arch": backbones.arch_name(spec),
-            "out_indices": list(spec.out_indices),
-            "strides": strides,
-            "channels": channels,
-            "weights": weights_description,
-        },
-        "input": {
-            "height": height,
-            "width": width,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "channel_order": "RGB",
-            "resize": "area",
-        },
-        "embedding": {
-            "dim": dim,
-            "seed": int(seed),
-            "grid": [height // strides[0], width // strides[0]],
-            "channel_indices": indices.tolist(),
-        },
-        "padim": {"epsilon": padim.EPSILON, "n_train": 0},
-        "postprocess": {"blur_sigma": float(blur_sigma), "blur_radius": blur.blur_radius(blur_sigma)},
-        "calibration": None,
-    }
+    config["embedding"] = {"dim": dim, "seed": int(seed), "grid": config["embedding"]["grid"],
+                           "channel_indices": indices.tolist()}
+    config["padim"] = {"epsilon": padim.EPSILON, "n_train": 0}
+    return config
 
 
 def check_dim(dim):

@@ -94,32 +94,42 @@ def exceedance_interval(n, rank, confidence=0.95):
     return a / float(n + 1), float(beta.ppf(confidence, a, b))
 
 
-def normal_calibration(scores, pixel_medians, folds, quantile=DEFAULT_QUANTILE, method="padim-leave-one-out"):
+def normal_calibration(scores, pixel_medians, folds, quantile=DEFAULT_QUANTILE, method="padim-leave-one-out",
+                       map_maxima=None):
     """model.json ``calibration`` and ``calibration_provenance`` dicts from out-of-sample normal scores.
 
     Args:
-        scores: ``[n]`` float, each training image's score (max of its anomaly map) under the
-            model fitted without it (its fold).
+        scores: ``[n]`` float, each training image's score under the model fitted without it (its fold):
+            the max of its anomaly map (PaDiM), or the method's image score.
         pixel_medians: ``[n]`` float, the median of each of those anomaly maps (heatmap scale).
         folds: number of folds used (n for leave-one-out); quantile: target quantile of normal scores;
-        method: ``padim-leave-one-out`` or ``padim-leave-fold-out``.
+        method: the provenance name, e.g. ``padim-leave-one-out``, ``padim-leave-fold-out``,
+            ``patchcore-leave-fold-out``.
+        map_maxima: ``[n]`` float or None: the max of each of those anomaly maps, for a method whose image
+            score is not the map's max (PatchCore's reweighted score); the pixel threshold is then the same
+            rank order statistic of these. None: the scores are the map maxima.
 
     Returns:
         ``(calibration, provenance)``. calibration: ``image_threshold`` (the rank-th order statistic),
-        ``pixel_threshold`` (the same value: the map is ≤ its max, so a normal frame shows an anomalous
-        pixel exactly as often as it is flagged, and boxes appear only on flagged frames),
+        ``pixel_threshold`` (the same value, or the rank-th of ``map_maxima``: either way a normal frame
+        shows an anomalous pixel at the same expected rate as a normal frame is flagged),
         ``score_min`` / ``score_max`` (heatmap range: median normal pixel value, and the same distance
-        above the threshold, so the threshold sits mid-scale), ``source`` = ``normal-oos``; numbers
+        above the pixel threshold, so it sits mid-scale), ``source`` = ``normal-oos``; numbers
         only, so runtimes that predate the provenance still read it. provenance: method, folds,
         quantile, n_normal, rank, expected_fpr, fpr_upper95, and the normal score median / max.
 
     Raises:
-        DataError: fewer than ``MIN_IMAGES`` scores, non-finite scores, or degenerate ones (all
-        below ``DEGENERATE_SCORE``: identical training images).
+        DataError: fewer than ``MIN_IMAGES`` scores, non-finite scores or map maxima (or not one per score),
+        or degenerate scores (all below ``DEGENERATE_SCORE``: identical training images).
     """
     scores = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
     if scores.size < MIN_IMAGES or not np.all(np.isfinite(scores)):
         raise DataError("out-of-sample calibration needs at least {} finite normal scores".format(MIN_IMAGES))
+    if map_maxima is not None:
+        map_maxima = np.sort(np.asarray(map_maxima, dtype=np.float64).reshape(-1))
+        if map_maxima.size != scores.size or not np.all(np.isfinite(map_maxima)):
+            raise DataError("out-of-sample calibration needs one finite anomaly-map maximum per normal score "
+                            "({} scores, {} maxima)".format(scores.size, map_maxima.size))
     if scores[-1] < DEGENERATE_SCORE:
         raise DataError("the training images are copies of one another (every out-of-sample score is below {}): "
                         "no threshold can be learned from them; fit on varied good images, or set thresholds "
@@ -127,13 +137,14 @@ def normal_calibration(scores, pixel_medians, folds, quantile=DEFAULT_QUANTILE, 
     n = int(scores.size)
     rank = conformal_rank(n, quantile)
     threshold = float(scores[rank - 1])
+    pixel_threshold = threshold if map_maxima is None else float(map_maxima[rank - 1])
     expected, upper = exceedance_interval(n, rank)
     low = float(np.median(pixel_medians))
     calibration = {
         "image_threshold": threshold,
-        "pixel_threshold": threshold,
+        "pixel_threshold": pixel_threshold,
         "score_min": low,
-        "score_max": threshold + max(threshold - low, 1e-6),
+        "score_max": pixel_threshold + max(pixel_threshold - low, 1e-6),
         "source": "normal-oos",
     }
     provenance = {

@@ -165,15 +165,16 @@ def _hub_offline():
         hub_constants.HF_HUB_OFFLINE = previous
 
 
-def load_backbone(name, weights="imagenet", seed=0, input_hw=None):
+def load_backbone(name, weights="imagenet", seed=0, input_hw=None, out_indices=None):
     """Build the truncated feature extractor ``name`` and load ``weights``.
 
-    input_hw: the fixed model input size ``(H, W)`` (see ``backbones.create_feature_extractor``).
+    input_hw: the fixed model input size ``(H, W)``; out_indices: the timm feature stages it returns (None:
+    the backbone's default, ``(1, 2, 3)``); see ``backbones.create_feature_extractor``.
     Returns ``(model, description)``; ``description`` says where the weights came from and is
     stored in model.json.
     """
     spec = backbones.get_spec(name)
-    model = backbones.create_feature_extractor(spec.name, input_hw)
+    model = backbones.create_feature_extractor(spec.name, input_hw, out_indices)
     if weights == "random":
         backbones.seeded_random_init(model, seed)
         sys.stderr.write(

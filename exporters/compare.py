@@ -1,7 +1,7 @@
 """Run the same frames through several backends and report how far they are from the torch model.
 
-Polygraphy-style: torch (the bundle's PadimModel) is the reference; ONNX Runtime and TensorRT
-(``.engine``, when TensorRT is installed) are compared against it. Errors are reported as
+Polygraphy-style: the bundle's torch model (``bundle.model()``, whatever its method) is the reference; ONNX
+Runtime and TensorRT (``.engine``, when TensorRT is installed) are compared against it. Errors are reported as
 ``max_abs`` (max |a - b|) and ``max_rel`` (max |a - b| / max |b|, relative to the reference range)
 for the anomaly maps and the scores.
 """
@@ -17,18 +17,14 @@ def _errors(candidate, reference):
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale)}
 
 
-def torch_outputs(bundle, frames, whitening_precision="fp32"):
-    """(maps ``[N, 1, H, W]``, scores ``[N]``) float32 numpy from the torch model.
+def torch_outputs(bundle, frames, precision="fp32"):
+    """(maps ``[N, 1, H, W]``, scores ``[N]``) float32 numpy from the bundle's torch model.
 
-    whitening_precision ``fp16`` rounds the stored whitening to fp16 first, i.e. the exact statistics
-    an fp16 export carries, so backend differences are separated from storage rounding.
+    precision ``fp16`` first rounds the statistics as an fp16 export stores them
+    (``bundle.with_storage_precision``; PaDiM: the packed whitening), i.e. the exact statistics that export
+    carries, so backend differences are separated from storage rounding.
     """
-    from edgead.bundle import PadimBundle
-
-    if whitening_precision == "fp16":
-        bundle = PadimBundle(bundle.config, bundle.backbone_state, bundle.mean,
-                             bundle.whitening_packed.to(torch.float16).to(torch.float32))
-    model = bundle.model()
+    model = bundle.with_storage_precision(precision).model()
     maps, scores = [], []
     with torch.no_grad():
         for start in range(0, len(frames), 8):
@@ -49,7 +45,7 @@ def engine_outputs(path, frames, backend="auto", **options):
 
 
 def compare(bundle, model_paths, frames, backend_options=None):
-    """Compare every model in ``model_paths`` against the torch model on ``frames`` (uint8 ``[N,H,W,3]``).
+    """Compare every model in ``model_paths`` against the bundle's torch model on ``frames`` (uint8 ``[N,H,W,3]``).
 
     Returns a list of row dicts: ``{"backend", "model", "reference", "map": {max_abs, max_rel},
     "score": {...}}``.

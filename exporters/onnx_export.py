@@ -1,10 +1,11 @@
 """Bundle -> one ONNX graph: uint8 frames ``[N, H, W, 3]`` -> ``anomaly_map [N, 1, H, W]``, ``score [N]``.
 
-The front end (normalisation, truncated backbone, fused gather/upsample/concat) is the very
-``FrameEmbedding`` module used by fit, traced by ``torch.onnx.export``; the head is appended as
-hand-written standard ops (``onnx_head``). The model.json dict plus export settings go to
-``metadata_props["edgead"]`` so a runtime needs only the .onnx file (plus, for a model over the
-inline limit, the external data file next to it: ``external_data``).
+The front end (normalisation, truncated backbone, the method's embedding) is the very module used by fit
+(``bundle.export_front_end()``), traced by ``torch.onnx.export``; the head is appended as hand-written ops by
+the method the bundle names (``Method.build_onnx_head``, looked up in ``edgead.methods``; PaDiM:
+``onnx_head``). The model.json dict plus export settings go to ``metadata_props["edgead"]`` so a runtime
+needs only the .onnx file (plus, for a model over the inline limit, the external data file next to it:
+``external_data``).
 """
 import io
 import json
@@ -18,7 +19,8 @@ from onnx import TensorProto, helper
 from edgead.bundle import FORMAT_VERSION
 from edgead.errors import ExportError
 from edgead.exporters import external_data as external_data_lib
-from edgead.exporters import onnx_head, streaming
+from edgead.exporters import streaming
+from edgead.methods import get_method
 from edgead.runtime import schema
 
 OPSET = 17
@@ -41,7 +43,8 @@ def parse_batch(batch):
 
 
 def _export_front_end(frame_embedding, input_hw, batch, input_dtype):
-    """torch.onnx.export of FrameEmbedding -> onnx.ModelProto with input ``image``, output ``embedding``."""
+    """torch.onnx.export of the front end (``bundle.export_front_end()``) -> onnx.ModelProto with input ``image``,
+    output ``embedding``."""
     height, width = input_hw
     dtype = {"uint8": torch.uint8, "float32": torch.float32}[input_dtype]
     dummy = torch.zeros((1 if batch == "dynamic" else batch, height, width, 3), dtype=dtype)
@@ -57,14 +60,15 @@ def _export_front_end(frame_embedding, input_hw, batch, input_dtype):
 
 
 def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2, check=True):
-    """Build the full ModelProto for ``bundle`` (a PadimBundle). Does not write anything.
+    """Build the full ModelProto for ``bundle`` (an ``edgead.bundle.Bundle``, any method). Writes nothing.
 
-    mahalanobis: ``onnx`` | ``plugin``; precision: ``fp16`` | ``fp32`` storage of the whitening (the
-    mean stays fp32); batch: ``1``, ``N`` or ``"dynamic"``; input_dtype: ``uint8`` (default) or
-    ``float32`` (pixel values 0..255, for TensorRT 8.5 which has no uint8 inputs); blocks: row blocks
-    of the standard-op Mahalanobis (see ``onnx_head.mahalanobis_standard_ops``). check: run the full
-    ``onnx.checker`` in memory, which only models below ``external_data.THRESHOLD_BYTES`` can take (one
-    protobuf string); larger ones are checked through the file ``export_onnx`` writes.
+    mahalanobis: the head flavour, one of the method's ``export_flavours`` (PaDiM: ``onnx`` | ``plugin``; an
+    ExportError for another); precision: ``fp16`` | ``fp32`` storage of the method's large statistics (PaDiM: the
+    whitening; the mean stays fp32); batch: ``1``, ``N`` or ``"dynamic"``; input_dtype: ``uint8`` (default) or
+    ``float32`` (pixel values 0..255, for TensorRT 8.5 which has no uint8 inputs); blocks: PaDiM's row blocks
+    of the standard-op Mahalanobis (see ``onnx_head.mahalanobis_standard_ops``; other methods ignore it).
+    check: run the full ``onnx.checker`` in memory, which only models below ``external_data.THRESHOLD_BYTES``
+    can take (one protobuf string); larger ones are checked through the file ``export_onnx`` writes.
 
     The model holds every byte in memory (the statistics included): ``build_onnx_streamed`` and
     ``streaming.materialize``, the one implementation ``export_onnx`` streams from instead.
@@ -77,14 +81,20 @@ def build_onnx(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtyp
 
 
 def build_onnx_streamed(bundle, mahalanobis="onnx", precision="fp16", batch=1, input_dtype="uint8", blocks=2):
-    """``(model, sources)``: the ModelProto of ``build_onnx`` with the packed whitening initializer as a
-    placeholder (name, dims, type, no data) and ``sources`` = ``{its name: streaming.TensorSource}``, which
-    reads the bundle's statistics block by block (``PadimBundle.iter_whitening_rows``: a lazy bundle reads its
-    weights file) and converts each block to the stored type. Nothing is checked or written here."""
+    """``(model, sources)``: the ModelProto of ``build_onnx`` with the method's streamed initializers (PaDiM: the
+    packed whitening) as placeholders (name, dims, type, no data) and ``sources`` = ``{name:
+    streaming.TensorSource}``, which read the bundle's statistics block by block (``PadimBundle.iter_whitening_rows``:
+    a lazy bundle reads its weights file) and convert each block to the stored type. Nothing is checked or written
+    here. Front end: ``bundle.export_front_end()``; head: ``Method.build_onnx_head`` of the bundle's method."""
     batch = parse_batch(batch)
     if input_dtype not in ("uint8", "float32"):
         raise ExportError("input dtype must be uint8 or float32, not {!r}".format(input_dtype))
     cfg = bundle.config
+    method = get_method(cfg["method"])
+    if mahalanobis not in method.export_flavours:
+        raise ExportError("--mahalanobis {}: {} models export only the {} flavour{}".format(
+            mahalanobis, method.name, " or ".join(method.export_flavours),
+            "s" if len(method.export_flavours) > 1 else ""))
     meta = dict(cfg)
     meta.setdefault("format_version", FORMAT_VERSION)  # a bundle fitted in memory gets it only when saved
     meta["export"] = {"mahalanobis": mahalanobis, "precision": precision, "batch": batch, "opset": OPSET,
@@ -92,11 +102,9 @@ def build_onnx_streamed(bundle, mahalanobis="onnx", precision="fp16", batch=1, i
     meta_text = metadata_text(meta, bundle.path)  # before the long trace: a bad bundle stops here
     height, width = bundle.input_hw
     with torch.no_grad():
-        model = _export_front_end(bundle.frame_embedding(prune_deepest=True), (height, width), batch, input_dtype)
-    whitening = streaming.FunctionRows(bundle.whitening_shape, bundle.iter_whitening_rows)
-    nodes, initializers, sources = onnx_head.build_head_streamed(
-        "embedding", cfg, bundle.mean.numpy(), whitening, mahalanobis, precision, OUTPUT_MAP, OUTPUT_SCORE, blocks,
-    )
+        model = _export_front_end(bundle.export_front_end(), (height, width), batch, input_dtype)
+    nodes, initializers, sources = method.build_onnx_head(
+        bundle, "embedding", mahalanobis, precision, OUTPUT_MAP, OUTPUT_SCORE, blocks=blocks)
     graph = model.graph
     graph.node.extend(nodes)
     for tensor in initializers:  # not extend(): upb copies by serializing, which fails for a tensor over 2 GiB
@@ -107,14 +115,15 @@ def build_onnx_streamed(bundle, mahalanobis="onnx", precision="fp16", batch=1, i
         helper.make_tensor_value_info(OUTPUT_MAP, TensorProto.FLOAT, [n_dim, 1, height, width]),
         helper.make_tensor_value_info(OUTPUT_SCORE, TensorProto.FLOAT, [n_dim]),
     ])
-    graph.name = "edgead_padim_{}".format(cfg["backbone"]["name"])
-    if mahalanobis == "plugin":
-        model.opset_import.append(helper.make_opsetid(onnx_head.PLUGIN_DOMAIN, 1))
+    graph.name = "edgead_{}_{}".format(method.name, cfg["backbone"]["name"])
+    imported = {opset.domain for opset in model.opset_import}
+    for domain in sorted({node.domain for node in nodes if node.domain} - imported):  # e.g. the plugin's "edgead"
+        model.opset_import.append(helper.make_opsetid(domain, 1))
     del model.metadata_props[:]
     helper.set_model_props(model, {"edgead": meta_text})
     model.producer_name = "edgead"
-    model.doc_string = "edgead PaDiM ({}, {}x{}): uint8 RGB [N,H,W,3] -> anomaly_map, score".format(
-        cfg["backbone"]["name"], height, width)
+    model.doc_string = "edgead {} ({}, {}x{}): uint8 RGB [N,H,W,3] -> anomaly_map, score".format(
+        method.display_name, cfg["backbone"]["name"], height, width)
     return model, sources
 
 

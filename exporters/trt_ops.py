@@ -8,7 +8,9 @@ Notes for TensorRT:
 - ``uint8`` network inputs need TensorRT >= 8.6 and must feed a ``Cast`` directly (our graph starts
   with Cast). For TensorRT 8.5 (JetPack 5.0/5.1) export with ``--input-dtype float32``.
 - ``Conv`` weights must be initializers; ``Resize`` uses ``linear``/``nearest`` with ``half_pixel`` or
-  ``asymmetric`` coordinates; ``Gather`` indices are int64 initializers (cast down to int32 by the parser).
+  ``asymmetric`` coordinates; ``Gather`` indices are int64 (initializers, or computed: PatchCore; cast down to int32 by the parser).
+- ``TopK`` (PatchCore's score) takes K from an initializer, K <= 3840; ``GatherND`` with ``batch_dims`` needs
+  TensorRT >= 8.2 (every JetPack 5/6 release has it).
 - ``edgead::PadimMahalanobis`` is not an ONNX op: the parser maps it to our plugin by op_type once
   ``libedgead_plugins.so`` is loaded.
 """
@@ -19,13 +21,20 @@ TENSORRT_OPS = {
     "HardSigmoid": None, "HardSwish": "TensorRT >= 8.5 (opset 14)", "Sigmoid": None,
     "BatchNormalization": None, "Cast": "TensorRT types only", "Concat": None, "Constant": None,
     "Conv": "2-D, weights are initializers", "MaxPool": "2-D, no Indices output",
-    "AveragePool": "2-D", "GlobalAveragePool": None, "Gather": "indices are initializers",
+    "AveragePool": "2-D", "GlobalAveragePool": None, "Gather": "int64 indices (the parser casts them to int32)",
     "Identity": None, "MatMul": None, "Gemm": None, "Flatten": None, "Reshape": None,
     "Transpose": None, "Squeeze": "axes are constants", "Unsqueeze": "axes are constants",
     "Shape": None, "Split": None, "Slice": "axes are initializers", "Pad": "constant mode",
     "Resize": "modes linear/nearest, half_pixel or asymmetric coordinates",
     "ReduceMax": None, "ReduceMean": None, "ReduceSum": None, "ReduceSumSquare": None,
+    # PatchCore's nearest-neighbour head (edgead.exporters.patchcore_head)
+    "ReduceMin": None, "Min": None, "Max": None, "Softmax": "opset >= 13 (one axis)", "Less": None,
+    "Where": None,
+    "TopK": "K is an initializer, at most {}".format(3840),
+    "GatherND": "TensorRT >= 8.2 (batch_dims maps to nbElementWiseDims)",
 }
+#: Largest K of a TensorRT TopK layer (ITopKLayer; 3840 in TensorRT 8.5-10)
+TOPK_MAX_K = 3840
 
 PLUGIN_OPS = {("edgead", "PadimMahalanobis")}
 RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "asymmetric", "align_corners"}
@@ -33,10 +42,10 @@ RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "asymmetric", "al
 
 def check_graph(model):
     """List of human-readable problems that would stop the TensorRT ONNX parser (empty = fine)."""
-    from onnx import TensorProto
+    from onnx import TensorProto, numpy_helper
 
     problems = []
-    initializers = {t.name for t in model.graph.initializer}
+    initializers = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         domain = node.domain or ""
         if domain not in ("", "ai.onnx"):
@@ -47,6 +56,13 @@ def check_graph(model):
             problems.append("{}: op {} is not in the TensorRT-supported list".format(node.name, node.op_type))
         if node.op_type == "Conv" and node.input[1] not in initializers:
             problems.append("{}: Conv weights must be an initializer".format(node.name))
+        if node.op_type == "TopK":
+            k = initializers.get(node.input[1]) if len(node.input) > 1 else None
+            if k is None:
+                problems.append("{}: TopK's K must be an initializer".format(node.name))
+            elif int(numpy_helper.to_array(k).reshape(-1)[0]) > TOPK_MAX_K:
+                problems.append("{}: TopK K = {} exceeds TensorRT's {}".format(
+                    node.name, int(numpy_helper.to_array(k).reshape(-1)[0]), TOPK_MAX_K))
         if node.op_type == "Resize":
             attrs = {a.name: a for a in node.attribute}
             mode = attrs["coordinate_transformation_mode"].s.decode() if "coordinate_transformation_mode" in attrs else "half_pixel"

@@ -146,6 +146,21 @@ def model_warnings(info):
     return found
 
 
+#: provenance ``method`` of out-of-sample thresholds -> how the normal scores were obtained, as a pair of templates
+#: (without, with the number of scored images ``{n}``); ``{folds}``: the provenance's folds, else ``k``. A
+#: ``normal-oos`` calibration with another method reads as K-fold.
+_OUT_OF_SAMPLE = {
+    "padim-leave-one-out": ("leave-one-out out-of-sample scores of the training normal images",
+                            "leave-one-out out-of-sample scores of {n} normal images"),
+    "padim-leave-fold-out": ("{folds}-fold out-of-sample scores of the training normal images",
+                             "{folds}-fold out-of-sample scores of {n} normal images"),
+    "patchcore-leave-fold-out": ("{folds}-fold out-of-sample scores of the training normal images, each fold against "
+                                 "a memory bank built without it",
+                                 "{folds}-fold out-of-sample scores of {n} normal images, each fold against a "
+                                 "memory bank built without it"),
+}
+
+
 def describe_thresholds(info):
     """One line saying where the thresholds of a model come from.
 
@@ -161,11 +176,11 @@ def describe_thresholds(info):
     pixel = calibration.get("pixel_threshold")
     head = "image threshold {:.4g}, pixel threshold {:.4g}".format(image, image if pixel is None else pixel)
     method = prov.get("method")
-    if calibration.get("source") == "normal-oos" or method in ("padim-leave-one-out", "padim-leave-fold-out"):
-        how = "leave-one-out" if method == "padim-leave-one-out" else (
-            "{}-fold".format(prov["folds"]) if prov.get("folds") is not None else "k-fold")
-        text = "{}: {} out-of-sample scores of {} normal images".format(
-            head, how, prov["n_normal"] if prov.get("n_normal") is not None else "the training")
+    if calibration.get("source") == "normal-oos" or method in _OUT_OF_SAMPLE:
+        n = prov["n_normal"] if prov.get("n_normal") is not None else None
+        folds = prov["folds"] if prov.get("folds") is not None else "k"
+        template = _OUT_OF_SAMPLE.get(method, _OUT_OF_SAMPLE["padim-leave-fold-out"])
+        text = "{}: {}".format(head, template[n is not None].format(n=n, folds=folds))
         if prov.get("quantile") is not None:
             text += ", quantile {}".format(prov["quantile"])
         if prov.get("rank") is not None and prov.get("n_normal") is not None:

@@ -284,14 +284,22 @@ def validate(info, entry, where, error_class):
     return info
 
 
+#: ``embedding.projection`` -> (rule on ``(embedding.dim, sum(backbone.channels))``, its words)
+_PROJECTION_RULES = {"none": (lambda dim, total: dim == total, "equal to"),
+                     "adaptive_avg": (lambda dim, total: dim <= total, "at most")}
+
+
 def consistency_problems(info):
     """Yield ``(path, text)`` for each cross-field rule ``info`` breaks; run after the schema passed.
 
-    Rules (each only when the keys it needs are present; the metadata of old exports may lack them):
-    ``len(backbone.channels) == len(backbone.strides) == len(backbone.out_indices)``; every stride a
-    multiple of ``strides[0]``; ``embedding.dim == len(embedding.channel_indices)``; channel indices
-    distinct and ``< sum(backbone.channels)``; input height/width multiples of the deepest stride;
+    Rules (each only when the keys it needs are present; the metadata of old exports may lack them), for every
+    method: ``len(backbone.channels) == len(backbone.strides) == len(backbone.out_indices)``; every stride a
+    multiple of ``strides[0]``; input height/width multiples of the deepest stride;
     ``embedding.grid == [height // strides[0], width // strides[0]]`` (edgead.fit.make_config).
+    PaDiM (``embedding.channel_indices``): ``embedding.dim == len(channel_indices)``; channel indices distinct
+    and ``< sum(backbone.channels)``. PatchCore (``embedding.projection``): ``embedding.dim`` equals
+    ``sum(backbone.channels)`` for ``none`` and is at most that for ``adaptive_avg``;
+    ``patchcore.coreset_size <= patchcore.n_patches`` once patches were counted (``n_patches > 0``).
     """
     backbone = info.get("backbone") or {}
     embedding = info.get("embedding") or {}
@@ -326,6 +334,19 @@ def consistency_problems(info):
                     index, seen[index])
                 return
             seen[index] = i
+    total = sum(backbone["channels"]) if "channels" in backbone else None
+    projection, dim = embedding.get("projection"), embedding.get("dim")
+    if total is not None and dim is not None and projection in _PROJECTION_RULES:
+        holds, words = _PROJECTION_RULES[projection]
+        if not holds(dim, total):
+            yield ("embedding", "dim"), ("must be {} sum(backbone.channels) = {} when embedding.projection is {}, "
+                                         "got {}".format(words, total, projection, dim))
+            return
+    patchcore = info.get("patchcore") or {}
+    size, patches = patchcore.get("coreset_size"), patchcore.get("n_patches")
+    if size is not None and patches and size > patches:
+        yield ("patchcore", "coreset_size"), "must be <= patchcore.n_patches = {}, got {}".format(patches, size)
+        return
     if strides and "height" in inp and "width" in inp:
         for key in ("height", "width"):
             if inp[key] % strides[-1]:

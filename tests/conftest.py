@@ -17,6 +17,16 @@ def random_frames(n, hw=TINY_HW, seed=0):
     return np.stack([cv2.GaussianBlur(f, (5, 5), 1.5) for f in frames])
 
 
+def cli_runner():
+    """A click CliRunner whose result keeps stderr apart from stdout (``result.stderr``), on every click version."""
+    from click.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 keeps stderr apart already
+        return CliRunner()
+
+
 def write_category(root, n_train=8, n_good=3, n_bad=3):
     """An MVTec-layout category of random frames: train/good, test/good, test/spot (magenta discs) + masks."""
     import os

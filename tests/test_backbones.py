@@ -30,6 +30,26 @@ def test_truncation_drops_everything_after_stride_16():
     assert not any(name.startswith("layer4") for name, _ in resnet.named_parameters())
 
 
+@pytest.mark.parametrize("name,channels,blocks", [("resnet18", [128, 256], None),
+                                                  ("efficientnet_lite0", [40, 112], 5),
+                                                  ("mobilenetv2_100", [32, 96], 5)])
+def test_out_indices_2_3_give_strides_8_16_and_stop_at_the_deepest(name, channels, blocks):
+    """PatchCore's stages (timm out_indices (2, 3)): strides 8 and 16, those stages' channels, nothing deeper
+    built; the same weights as the default (1, 2, 3) extractor (the same blocks), so either loads a bundle's state."""
+    model = backbones.create_feature_extractor(name, out_indices=(2, 3))
+    assert backbones.stage_info(model) == (channels, [8, 16])
+    with torch.no_grad():
+        feats = model(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == channels and [f.shape[-1] for f in feats] == [8, 4]
+    if blocks is None:
+        assert not any(n.startswith("layer4") for n, _ in model.named_parameters())
+    else:
+        assert len(model.blocks) == blocks
+    assert sorted(model.state_dict()) == sorted(backbones.create_feature_extractor(name).state_dict())
+    loaded, _ = load_backbone(name, "random", seed=1, out_indices=(2, 3))
+    assert backbones.stage_info(loaded) == (channels, [8, 16])
+
+
 def test_mobilenet_v1_width_multiplier_scales_channels():
     c25 = backbones.stage_info(backbones.create_feature_extractor("mobilenet_v1_025"))[0]
     c100 = backbones.stage_info(backbones.create_feature_extractor("mobilenet_v1_100"))[0]

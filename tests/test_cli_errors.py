@@ -8,19 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli_runner
 from edgead.cli import cli
 
 
 FIT = ["--backbone", "resnet18", "--weights", "random", "--size", "64", "--dim", "16"]
 
 
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart already
-        return CliRunner()
+_runner = cli_runner
 
 
 def _fails_in_one_line(args, match, exit_code=2):

@@ -134,5 +134,15 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "image AUROC" in result.output and "ONNX Runtime vs torch" in result.output
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    assert metrics["results"][0]["category"] == "brick"
-    assert os.listdir(os.path.join(out, "eval", "brick", "overlays"))
+    from edgead.methods import method_names
+
+    names = method_names()  # every registered method, one row each (one category)
+    assert metrics["methods"] == names and [r["method"] for r in metrics["results"]] == names
+    assert all(r["category"] == "brick" and r["ms_per_frame"] > 0 for r in metrics["results"])
+    table = result.output[result.output.index("method     category"):].splitlines()
+    assert table[0].endswith("ms/frame") and [row.split()[0] for row in table[2:2 + len(names)]] == names
+    for name in names:
+        assert os.listdir(os.path.join(out, "eval", name, "brick", "overlays"))
+        assert os.path.isfile(os.path.join(out, "models", name, "brick.onnx"))
+        assert os.path.isfile(os.path.join(out, "models", name, "brick", "model.json"))
+        assert metrics["compare"][name]["rows"][0]["map"]["max_rel"] < 1e-2

@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, external_data_helper, helper
 
 from edgead import atomic
@@ -30,17 +29,13 @@ from edgead.exporters import onnx_export
 from edgead.runtime import modelinfo
 from edgead.runtime.engines.ort_engine import OrtEngine
 
-from conftest import random_frames
+from conftest import cli_runner, random_frames
 from test_fault_injection import _run_killed_at
 
 GiB = 1 << 30
 
 
-def _runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart already
-        return CliRunner()
+_runner = cli_runner
 
 
 def _outputs(path, frames):

@@ -245,7 +245,10 @@ def test_out_of_range_channel_indices_are_caught_at_bundle_load(bundle_dir, inde
     (lambda c: c.update(calibration_provenance={"method": 3}),
      "calibration_provenance.method must be a string or null, got 3"),
     (lambda c: c.update(format_version=2), "format_version 2 is not supported by this edgead (it reads 1)"),
-    (lambda c: c.update(method="patchcore"), "method must be \"padim\", got \"patchcore\""),
+    (lambda c: c.update(method="cflow"), "method must be one of \"padim\", \"patchcore\", got \"cflow\""),
+    (lambda c: c.update(method="patchcore"), "lacks key 'patchcore'"),  # a PaDiM model.json is no PatchCore one
+    (lambda c: c.pop("padim"), "lacks key 'padim'"),
+    (lambda c: c["embedding"].pop("channel_indices"), "lacks key 'embedding.channel_indices'"),
     (lambda c: c.pop("embedding"), "lacks key 'embedding'"),
     (lambda c: c["input"].pop("std"), "lacks key 'input.std'"),
     (lambda c: c.update(backbone=[]), "backbone must be an object, got a list of 0 items"),
@@ -274,6 +277,73 @@ def test_weights_checksum_is_mandatory_and_names_are_checked(bundle_dir, mutate,
 ])
 def test_metadata_consistency(mutate, needle):
     assert "m.onnx: " + needle in _meta_error(mutate)
+
+
+# --- per-method requirements (allOf if/then on "method") ------------------------------------------------------
+
+def _patchcore_config(clean_bundle):
+    """A valid PatchCore model.json: the tiny bundle's, turned into PatchCore's (stages 2, 3: strides 8, 16)."""
+    config = read_config(clean_bundle)
+    del config["padim"]
+    config["method"] = "patchcore"
+    config["backbone"].update(out_indices=[2, 3], strides=[8, 16], channels=[128, 256])
+    config["embedding"] = {"dim": 128, "seed": 0, "grid": [8, 8], "aggregation": 3, "projection": "adaptive_avg"}
+    config["patchcore"] = {"coreset_ratio": 0.1, "coreset_size": 77, "projection_dim": 128, "neighbors": 9,
+                           "n_train": 12, "n_patches": 768}
+    return config
+
+
+def _schema_error(config, entry="bundle", where="model.json"):
+    with pytest.raises(BundleError) as info:
+        schema.validate(config, entry, where, BundleError)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(where + ": "), message
+    return message
+
+
+def test_a_valid_patchcore_config_passes_both_entry_points(clean_bundle):
+    config = _patchcore_config(clean_bundle)
+    assert schema.validate(config, "bundle", "model.json", BundleError) is config
+    meta = dict(copy.deepcopy(config), export={"mahalanobis": "onnx", "precision": "fp16", "batch": 1, "opset": 17})
+    assert schema.validate(meta, "metadata", "m.onnx", ModelFileError) is meta
+    config["embedding"].update(projection="none", dim=384)  # D = 128 + 256 channels, no projection
+    schema.validate(config, "bundle", "model.json", BundleError)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c["patchcore"].pop("coreset_size"), "lacks key 'patchcore.coreset_size'"),
+    (lambda c: c.pop("patchcore"), "lacks key 'patchcore'"),
+    (lambda c: c["embedding"].pop("projection"), "lacks key 'embedding.projection'"),
+    (lambda c: c["embedding"].pop("aggregation"), "lacks key 'embedding.aggregation'"),
+    (lambda c: c["embedding"].pop("dim"), "lacks key 'embedding.dim'"),
+    (lambda c: c["patchcore"].update(coreset_ratio=0), "patchcore.coreset_ratio must be > 0, got 0"),
+    (lambda c: c["patchcore"].update(coreset_ratio=1.5), "patchcore.coreset_ratio must be <= 1, got 1.5"),
+    (lambda c: c["patchcore"].update(neighbors=0), "patchcore.neighbors must be >= 1, got 0"),
+    (lambda c: c["patchcore"].update(projection_dim=64.0), "patchcore.projection_dim must be an integer, got 64.0"),
+    (lambda c: c["patchcore"].update(n_patches=-1), "patchcore.n_patches must be >= 0, got -1"),
+    (lambda c: c["embedding"].update(aggregation="3"), "embedding.aggregation must be an integer, got \"3\""),
+    (lambda c: c["embedding"].update(projection="pca"),
+     "embedding.projection must be one of \"none\", \"adaptive_avg\", got \"pca\""),
+    (lambda c: c["embedding"].update(dim=385),
+     "embedding.dim must be at most sum(backbone.channels) = 384 when embedding.projection is adaptive_avg, got 385"),
+    (lambda c: c["embedding"].update(projection="none"),
+     "embedding.dim must be equal to sum(backbone.channels) = 384 when embedding.projection is none, got 128"),
+    (lambda c: c["patchcore"].update(coreset_size=769), "patchcore.coreset_size must be <= patchcore.n_patches = 768"),
+    (lambda c: c["embedding"].update(grid=[16, 16]), "embedding.grid must be [8, 8]"),  # input // strides[0] = 8
+])
+def test_patchcore_requirements_are_one_line_naming_the_path(clean_bundle, mutate, needle):
+    config = _patchcore_config(clean_bundle)
+    mutate(config)
+    assert "model.json: " + needle in _schema_error(config)
+
+
+def test_patchcore_needs_no_channel_indices_and_padim_needs_no_patchcore(clean_bundle):
+    config = _patchcore_config(clean_bundle)
+    assert "channel_indices" not in config["embedding"]
+    padim = read_config(clean_bundle)
+    assert "patchcore" not in padim and schema.validate(padim, "bundle", "model.json", BundleError) is padim
+    padim["patchcore"] = {"coreset_size": "many"}  # what a section may hold is checked whatever the method
+    assert "patchcore.coreset_size must be an integer" in _schema_error(padim)
 
 
 # --- hostile JSON -------------------------------------------------------------------------------------------------

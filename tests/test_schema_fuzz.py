@@ -110,7 +110,7 @@ def _check_invariants(info, bundle):
     """What downstream code relies on, checked independently of the schema."""
     _no_non_finite(info)
     assert info["format_version"] == 1
-    assert info["method"] in (("padim",) if bundle else ("padim", "patchcore", "cflow"))
+    assert info["method"] in (("padim", "patchcore") if bundle else ("padim", "patchcore", "cflow"))
     inp = info["input"]
     for key in ("height", "width"):
         assert type(inp[key]) is int and 1 <= inp[key] <= 8192
@@ -130,6 +130,10 @@ def _check_invariants(info, bundle):
         assert re.match(r"^[0-9a-f]{64}$", info["weights_sha256"])
         assert len(backbone["channels"]) == len(backbone["strides"]) == len(backbone["out_indices"])
         assert _finite(info["postprocess"]["blur_sigma"]) and info["postprocess"]["blur_sigma"] >= 0
+        # what each method's bundle needs besides (the schema's allOf if/then)
+        assert isinstance(info[info["method"]], dict)
+        needed = {"padim": ("channel_indices",), "patchcore": ("aggregation", "projection")}[info["method"]]
+        assert all(key in embedding for key in needed)
     if "weights_file" in info:
         assert re.match(r"^weights(-[0-9a-f]{16})?\.safetensors$", info["weights_file"])
     indices = embedding.get("channel_indices")

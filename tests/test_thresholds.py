@@ -144,6 +144,41 @@ def test_normal_calibration_fields():
         thresholds.normal_calibration([1.0, np.nan, 2.0, 3.0], np.zeros(4), 2)
 
 
+def test_normal_calibration_pixel_threshold_from_map_maxima():
+    """A method whose image score is not the map's max (PatchCore's reweighted score) passes the out-of-sample map
+    maxima: the pixel threshold is the same rank order statistic of those (sorted on their own), the heatmap range
+    is set around it, and the image threshold is unchanged."""
+    scores = np.arange(1.0, 21.0)  # 20 normal scores 1..20
+    maxima = 100.0 + 3.0 * np.arange(20.0)[::-1]  # 100..157, in the opposite order of the scores
+    medians = np.full(20, 10.0)
+    cal, prov = thresholds.normal_calibration(scores, medians, folds=5, quantile=0.9, method="patchcore-leave-fold-out",
+                                              map_maxima=maxima)
+    assert thresholds.conformal_rank(20, 0.9) == 19  # ceil(0.9 * 21)
+    assert cal["image_threshold"] == 19.0 and cal["pixel_threshold"] == 154.0  # 19th of 100, 103, ..., 157
+    assert cal["score_min"] == 10.0 and cal["score_max"] == 298.0  # 154 + (154 - 10)
+    assert prov["method"] == "patchcore-leave-fold-out" and prov["rank"] == 19 and prov["n_normal"] == 20
+    plain, _ = thresholds.normal_calibration(scores, medians, folds=5, quantile=0.9)  # None: pixel = image
+    assert plain["pixel_threshold"] == plain["image_threshold"] == 19.0 and plain["score_max"] == 28.0
+    with pytest.raises(DataError, match="one finite anomaly-map maximum per normal score"):
+        thresholds.normal_calibration(scores, medians, 5, 0.9, map_maxima=maxima[:19])
+    with pytest.raises(DataError, match="one finite anomaly-map maximum per normal score"):
+        thresholds.normal_calibration(scores, medians, 5, 0.9, map_maxima=np.where(maxima > 150, np.nan, maxima))
+
+
+def test_patchcore_provenance_is_described():
+    from edgead.runtime import modelinfo
+
+    info = {"calibration": {"image_threshold": 2.5, "pixel_threshold": 3.25, "source": "normal-oos"},
+            "calibration_provenance": {"method": "patchcore-leave-fold-out", "folds": 5, "quantile": 0.99,
+                                       "n_normal": 40, "rank": 39, "expected_fpr": 0.02439, "fpr_upper95": 0.07}}
+    assert modelinfo.describe_thresholds(info).startswith(
+        "image threshold 2.5, pixel threshold 3.25: 5-fold out-of-sample scores of 40 normal images, each fold "
+        "against a memory bank built without it, quantile 0.99 (rank 39/40); expected")
+    info["calibration_provenance"] = {"method": "patchcore-leave-fold-out"}  # sparse: nothing guessed
+    assert modelinfo.describe_thresholds(info).endswith(
+        "k-fold out-of-sample scores of the training normal images, each fold against a memory bank built without it")
+
+
 @pytest.mark.parametrize("folds", ["n", 5])
 def test_out_of_sample_threshold_keeps_new_normal_frames_quiet(folds):
     """The failure this fixes: 20 images for D = 24, so in-sample distances are pinned low and an

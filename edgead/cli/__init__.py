@@ -96,7 +96,7 @@ def cli(ctx, debug):
 
     \b
     Typical flow:
-      edgead fit data/bottle -o bottle.edgead           # PaDiM on train/good images
+      edgead fit data/bottle -o bottle.edgead           # a detector (--method padim|patchcore) on train/good images
       edgead eval bottle.edgead data/bottle             # AUROC / PRO / F1 table
       edgead export bottle.edgead -o bottle.onnx        # one ONNX graph, uint8 frames in
       edgead run bottle.onnx --source csi://0 --show    # live camera with heatmaps

@@ -11,10 +11,11 @@ from edgead.errors import DataError
 @click.argument("bundle_dir", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output .onnx file (written atomically).")
 @click.option("--mahalanobis", type=click.Choice(["onnx", "plugin"]), default="onnx", show_default=True,
-              help="onnx: standard ops (runs anywhere); plugin: one edgead::PadimMahalanobis node for TensorRT "
-                   "and, with libedgead_ort.so (make ort-ops), ONNX Runtime CPU.")
+              help="Head flavour. onnx: standard ops (runs anywhere, every method); plugin (PaDiM only): one "
+                   "edgead::PadimMahalanobis node for TensorRT and, with libedgead_ort.so (make ort-ops), ONNX "
+                   "Runtime CPU.")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="Storage of the packed whitening (the mean stays fp32).")
+              help="Storage of the method's large statistics (PaDiM: the packed whitening, the mean stays fp32).")
 @click.option("--batch", default="1", show_default=True, help="1, N, or dynamic.")
 @click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
               help="float32 (0..255) for TensorRT 8.5, which has no uint8 inputs.")
@@ -24,7 +25,7 @@ from edgead.errors import DataError
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an edgead ONNX model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external_data, force, as_json):
-    """Export a bundle to one ONNX graph: uint8 [N,H,W,3] RGB -> anomaly_map [N,1,H,W], score [N].
+    """Export a bundle (any method) to one ONNX graph: uint8 [N,H,W,3] RGB -> anomaly_map [N,1,H,W], score [N].
 
     A model over 1.8 GiB keeps its large tensors in an external data file next to the .onnx
     (bottle.onnx.<sha16>.data); move or copy the two files together.
@@ -66,7 +67,8 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external
         size = "{:.1f} MB".format(summary["total_bytes"] / 1e6)
         if summary["data_file"]:
             size += " with external data {}".format(summary["data_file"])
-        click.echo("wrote {} ({}, {} flavour, {} whitening, batch {})".format(out, size, mahalanobis, precision, batch))
+        click.echo("wrote {} ({}, {} flavour, {} statistics, batch {})".format(
+            out, size, mahalanobis, precision, batch))
         for problem in summary["tensorrt_problems"]:
             click.echo("warning: " + problem, err=True)
 
@@ -80,8 +82,8 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Fail (exit 1) when a map or score max_rel exceeds this vs the matching torch reference.")
 @click.option("--json", "as_json", is_flag=True)
 def compare_cmd(bundle_dir, models, images, n_frames, providers, tolerance, as_json):
-    """Run the same frames through torch and each MODEL (.onnx via ONNX Runtime, .engine via TensorRT)
-    and report max abs / rel error of maps and scores.
+    """Run the same frames through the bundle's torch model and each MODEL (.onnx via ONNX Runtime, .engine
+    via TensorRT) and report max abs / rel error of maps and scores.
 
     \b
     Example:
