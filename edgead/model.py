@@ -62,13 +62,18 @@ def _float32(array):
     return torch.from_numpy(array.astype("float32"))
 
 
-class PadimModel(nn.Module):
-    """uint8 RGB frames ``[N, H, W, 3]`` -> (anomaly_map ``[N, 1, H, W]``, score ``[N]``), float32."""
+class DetectorModel(nn.Module):
+    """uint8 RGB frames ``[N, H, W, 3]`` -> (anomaly_map ``[N, 1, H, W]``, score ``[N]``), float32: a method's
+    front end (``FrameEmbedding``) followed by its head (``PadimHead``, ``PatchcoreHead``, ...)."""
 
-    def __init__(self, frame_embedding: FrameEmbedding, head: PadimHead):
+    def __init__(self, frame_embedding: FrameEmbedding, head: nn.Module):
         super().__init__()
         self.frame_embedding = frame_embedding
         self.head = head
 
     def forward(self, frames):
         return self.head(self.frame_embedding(frames))
+
+
+#: The PaDiM detector (the name edgead 0.1 code imports)
+PadimModel = DetectorModel

@@ -2,7 +2,7 @@
 distance, the paper's score reweighting.
 
 Fit: ``edgead.patchcore.fit.PatchcoreFitter``; bundle: ``edgead.patchcore.bundle.PatchcoreBundle``
-(``patchcore.memory_bank [M, D]``); torch scoring model: ``edgead.patchcore.model.PatchcoreModel``; ONNX head:
+(``patchcore.memory_bank [M, D]``); torch scoring model: ``edgead.model.DetectorModel`` with ``edgead.patchcore.model.PatchcoreHead``; ONNX head:
 ``edgead.exporters.patchcore_head`` (standard ops only). Imports nothing heavy at module level.
 """
 from edgead.methods import register_method

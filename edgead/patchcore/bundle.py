@@ -39,9 +39,9 @@ class PatchcoreBundle(Bundle):
                              cfg["patchcore"]["neighbors"])
 
     def model(self):
-        from edgead.patchcore.model import PatchcoreModel
+        from edgead.model import DetectorModel
 
-        return PatchcoreModel(self.frame_embedding(), self.head()).eval()
+        return DetectorModel(self.frame_embedding(), self.head()).eval()
 
     def with_storage_precision(self, precision):
         """The bank rounded to fp16 as an fp16 export stores it (``fp32``: ``self``)."""

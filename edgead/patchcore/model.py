@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from edgead import blur
-from edgead.embedding import FrameEmbedding
 
 #: Largest per-image ``[P, chunk]`` float32 distance block (the issue: "a few MB at once on a Jetson")
 CHUNK_BYTES = 4 << 20
@@ -124,15 +123,3 @@ class PatchcoreHead(nn.Module):
 
 def _float32(array):
     return torch.from_numpy(array.astype("float32"))
-
-
-class PatchcoreModel(nn.Module):
-    """uint8 RGB frames ``[N, H, W, 3]`` -> (anomaly_map ``[N, 1, H, W]``, score ``[N]``), float32."""
-
-    def __init__(self, frame_embedding: FrameEmbedding, head: PatchcoreHead):
-        super().__init__()
-        self.frame_embedding = frame_embedding
-        self.head = head
-
-    def forward(self, frames):
-        return self.head(self.frame_embedding(frames))
