@@ -48,7 +48,10 @@ def bilinear_matrix(out_len, in_len):
 
 
 def gaussian_matrix(length, sigma):
-    """float64 ``[length, length]``: the 1-D scipy-reflect Gaussian blur as a matrix (``y = G @ x``)."""
+    """float64 ``[length, length]``: the 1-D scipy-reflect Gaussian blur as a matrix (``y = G @ x``); the identity
+    for ``sigma <= 0`` (no blur, as scipy's ``gaussian_filter`` leaves such an axis alone; model.json allows 0)."""
+    if float(sigma) <= 0.0:
+        return np.identity(length)
     radius = blur_radius(sigma)
     taps = gaussian_kernel1d(sigma, radius)
     padded = reflect_pad_index(length, radius)  # [length + 2r]: source of each padded position

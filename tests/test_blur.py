@@ -29,3 +29,13 @@ def test_operators_preserve_constants():
     """Rows sum to 1: a constant distance map stays that constant after upsample + blur."""
     for out_len, in_len in [(256, 64), (24, 6), (7, 7)]:
         np.testing.assert_allclose(blur.upsample_blur_matrix(out_len, in_len, 4.0).sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_sigma_zero_is_no_blur():
+    """``postprocess.blur_sigma: 0`` (allowed by the schema) is the plain bilinear upsample, as scipy does."""
+    from scipy.ndimage import gaussian_filter
+
+    grid = np.random.default_rng(0).standard_normal((8, 8))
+    up = blur.bilinear_matrix(32, 8) @ grid @ blur.bilinear_matrix(32, 8).T
+    np.testing.assert_allclose(blur.upsample_blur_matrix(32, 8, 0.0) @ grid @ blur.upsample_blur_matrix(32, 8, 0.0).T,
+                               gaussian_filter(up, sigma=0.0), rtol=0, atol=1e-12)
