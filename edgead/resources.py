@@ -97,6 +97,21 @@ def parse_memory_size(text, option="--max-memory"):
     return size
 
 
+def fit_budget(budget=None, available=None, held=None):
+    """``(bytes or None, one-line description)``: the memory a fit may use. ``budget``: ``--max-memory`` in bytes;
+    None: ``DEFAULT_FRACTION`` of the available memory plus ``held``, what this process holds already (its resident
+    set by default: the runtime and backbone are not in MemAvailable); unlimited when the available memory is
+    unknown. Every method's memory plan uses it."""
+    if budget is not None:
+        return int(budget), "--max-memory {}".format(human_bytes(budget))
+    available = available_memory_bytes() if available is None else available
+    held = process_rss_bytes() if held is None else held
+    if available is None:
+        return None, "unlimited"
+    return int(available * DEFAULT_FRACTION) + held, "{:.0f}% of the {} available + the {} this process holds (set " \
+        "--max-memory)".format(DEFAULT_FRACTION * 100, human_bytes(available), human_bytes(held))
+
+
 class FitMemoryPlan:
     """What a PaDiM fit of ``num_patches`` x ``dim`` holds, against a budget.
 
@@ -113,15 +128,7 @@ class FitMemoryPlan:
         self.num_patches, self.dim = int(num_patches), int(dim)
         self.input_hw = tuple(int(v) for v in input_hw)
         self.batch_size, self.backbone_bytes = int(batch_size), int(backbone_bytes)
-        if budget is None:  # what this process holds already (runtime, backbone) is not in MemAvailable: add it
-            available = available_memory_bytes() if available is None else available
-            held = process_rss_bytes() if held is None else held
-            self.budget = None if available is None else int(available * DEFAULT_FRACTION) + held
-            self.budget_source = ("{:.0f}% of the {} available + the {} this process holds (set --max-memory)".format(
-                DEFAULT_FRACTION * 100, human_bytes(available), human_bytes(held)) if available is not None
-                else "unlimited")
-        else:
-            self.budget, self.budget_source = int(budget), "--max-memory {}".format(human_bytes(budget))
+        self.budget, self.budget_source = fit_budget(budget, available, held)
         self.statistics = self.num_patches * (self.dim + packing.packed_length(self.dim)) * 8
         self.image_bytes = self.num_patches * self.dim * 4
         self.one_patch = 8 * self.dim * self.dim

@@ -121,14 +121,7 @@ class BankMemoryPlan:
         self.num_patches, self.dim = int(num_patches), int(dim)
         self.coreset_ratio = coreset_ratio
         self.projected_dim = min(int(projection_dim), self.dim)
-        if budget is None:
-            available, held = resources.available_memory_bytes(), resources.process_rss_bytes()
-            self.budget = None if available is None else int(available * resources.DEFAULT_FRACTION) + held
-            self.budget_source = ("{:.0f}% of the {} available + the {} this process holds (set --max-memory)".format(
-                resources.DEFAULT_FRACTION * 100, resources.human_bytes(available), resources.human_bytes(held))
-                if available is not None else "unlimited")
-        else:
-            self.budget, self.budget_source = int(budget), "--max-memory {}".format(resources.human_bytes(budget))
+        self.budget, self.budget_source = resources.fit_budget(budget)
         self.image_bytes = self.num_patches * self.dim * 4  # one image's rows of the bank
         self.fixed = resources.RUNTIME_BYTES + int(backbone_bytes) + int(batch_size) * (
             int(input_hw[0]) * int(input_hw[1]) * resources.ACTIVATION_BYTES_PER_PIXEL + 2 * self.image_bytes)
@@ -211,14 +204,8 @@ class PatchcoreFitter:
 
     def _image_rows(self, images):
         """float32 ``[len(images) * P, D]``: the bank rows of those training images (indices in fit order)."""
-        starts = np.cumsum([0] + [len(r) for r in self._rows])
-        out = np.empty((len(images) * self.num_patches, self.dim), np.float32)
-        for k, image in enumerate(images):
-            first = int(image) * self.num_patches
-            chunk = int(np.searchsorted(starts, first, side="right") - 1)
-            offset = first - starts[chunk]
-            out[k * self.num_patches:(k + 1) * self.num_patches] = self._rows[chunk][offset:offset + self.num_patches]
-        return out
+        images = np.asarray(images, np.int64)
+        return self._gather((images[:, None] * self.num_patches + np.arange(self.num_patches)).reshape(-1))
 
     def _gather(self, indices):
         """float32 ``[len(indices), D]``: bank rows at global row ``indices``."""
