@@ -158,6 +158,10 @@ _OUT_OF_SAMPLE = {
                                  "a memory bank built without it",
                                  "{folds}-fold out-of-sample scores of {n} normal images, each fold against a "
                                  "memory bank built without it"),
+    "cflow-held-out-fold": ("scores of a held-out fold (1 of {folds}) of the training normal images, which the flows "
+                            "were not trained on (their training stopped on it)",
+                            "scores of {n} held-out normal images (1 of {folds} folds), which the flows were not "
+                            "trained on (their training stopped on it)"),
 }
 
 

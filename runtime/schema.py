@@ -300,6 +300,8 @@ def consistency_problems(info):
     and ``< sum(backbone.channels)``. PatchCore (``embedding.projection``): ``embedding.dim`` equals
     ``sum(backbone.channels)`` for ``none`` and is at most that for ``adaptive_avg``;
     ``patchcore.coreset_size <= patchcore.n_patches`` once patches were counted (``n_patches > 0``).
+    CFLOW (``embedding.layout`` scale_rows): ``embedding.dim == sum(backbone.channels)``; ``cflow.scale_grids`` and
+    ``cflow.reference_log_likelihood`` one entry per stage, each grid ``[height // stride, width // stride]``.
     """
     backbone = info.get("backbone") or {}
     embedding = info.get("embedding") or {}
@@ -347,6 +349,23 @@ def consistency_problems(info):
     if size is not None and patches and size > patches:
         yield ("patchcore", "coreset_size"), "must be <= patchcore.n_patches = {}, got {}".format(patches, size)
         return
+    cflow = info.get("cflow") or {}
+    if embedding.get("layout") == "scale_rows" and total is not None and dim is not None and dim != total:
+        yield ("embedding", "dim"), "must equal sum(backbone.channels) = {} when embedding.layout is scale_rows, " \
+            "got {}".format(total, dim)
+        return
+    for key in ("scale_grids", "reference_log_likelihood"):
+        if key in cflow and "channels" in backbone and len(cflow[key]) != len(backbone["channels"]):
+            yield ("cflow", key), "must have one entry per backbone stage ({}), got {}".format(
+                len(backbone["channels"]), len(cflow[key]))
+            return
+    if "scale_grids" in cflow and strides and "height" in inp and "width" in inp:
+        for i, (grid, stride) in enumerate(zip(cflow["scale_grids"], strides)):
+            expected = [inp["height"] // stride, inp["width"] // stride]
+            if list(grid) != expected:
+                yield ("cflow", "scale_grids", i), "must be [height // {0}, width // {0}] = {1}, got {2}".format(
+                    stride, expected, list(grid))
+                return
     if strides and "height" in inp and "width" in inp:
         for key in ("height", "width"):
             if inp[key] % strides[-1]:

@@ -98,7 +98,7 @@ def test_method_options_come_from_the_registry_and_only_given_ones_are_passed(to
     assert "--widget-size VALUE" in help_text and "Size of the widget, in cogs. [--method toy]" in help_text
     flat = " ".join(help_text.split())
     assert "--method [{}]".format("|".join(methods.method_names())) in flat and "|toy]" in flat
-    assert "Default per method: padim n," in flat and "toy 0." in flat  # each method's default --folds
+    assert "Default per method: cflow 5, padim n, patchcore 5," in flat and "toy 0." in flat  # each method's default --folds
 
 
 def test_an_option_of_another_method_is_one_line_before_anything_runs(toy, category, tmp_path, monkeypatch):

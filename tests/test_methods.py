@@ -143,7 +143,7 @@ def test_unknown_method_in_model_json_is_refused_by_the_schema(saved, tmp_path):
     json.dump(config, open(path, "w"))
     with pytest.raises(BundleError) as info:
         load_bundle(folder)
-    assert str(info.value) == '{}: method must be one of "padim", "patchcore", got "toy"'.format(path)
+    assert str(info.value) == '{}: method must be one of "padim", "patchcore", "cflow", got "toy"'.format(path)
 
 
 def test_backbone_checks_use_the_recorded_out_indices(tiny_bundle, tmp_path):

@@ -110,7 +110,7 @@ def _check_invariants(info, bundle):
     """What downstream code relies on, checked independently of the schema."""
     _no_non_finite(info)
     assert info["format_version"] == 1
-    assert info["method"] in (("padim", "patchcore") if bundle else ("padim", "patchcore", "cflow"))
+    assert info["method"] in ("padim", "patchcore", "cflow")
     inp = info["input"]
     for key in ("height", "width"):
         assert type(inp[key]) is int and 1 <= inp[key] <= 8192
@@ -132,8 +132,18 @@ def _check_invariants(info, bundle):
         assert _finite(info["postprocess"]["blur_sigma"]) and info["postprocess"]["blur_sigma"] >= 0
         # what each method's bundle needs besides (the schema's allOf if/then)
         assert isinstance(info[info["method"]], dict)
-        needed = {"padim": ("channel_indices",), "patchcore": ("aggregation", "projection")}[info["method"]]
+        needed = {"padim": ("channel_indices",), "patchcore": ("aggregation", "projection"),
+                  "cflow": ("layout",)}[info["method"]]
         assert all(key in embedding for key in needed)
+    cflow = info.get("cflow") or {}
+    if embedding.get("layout") == "scale_rows" and "channels" in backbone and "dim" in embedding:
+        assert embedding["dim"] == sum(backbone["channels"])
+    for key in ("scale_grids", "reference_log_likelihood"):
+        if key in cflow and "channels" in backbone:
+            assert len(cflow[key]) == len(backbone["channels"])
+    if "scale_grids" in cflow and backbone.get("strides"):
+        assert [list(g) for g in cflow["scale_grids"]] == [[inp["height"] // s, inp["width"] // s]
+                                                            for s in backbone["strides"]]
     if "weights_file" in info:
         assert re.match(r"^weights(-[0-9a-f]{16})?\.safetensors$", info["weights_file"])
     indices = embedding.get("channel_indices")
@@ -183,6 +193,30 @@ def test_mutated_model_json_is_accepted_consistent_or_refused_in_one_line(valid_
     folder = str(tmp_path / "b.edgead")
     os.makedirs(folder, exist_ok=True)
     text = _mutate(data, json.loads(valid_model_json))
+    path = os.path.join(folder, CONFIG_NAME)
+    with open(path, "w", encoding="utf-8", errors="surrogatepass") as fh:
+        fh.write(text)
+    _accepted_consistent_or_refused(lambda: read_config(folder), BundleError, path + ": ", bundle=True)
+
+
+@pytest.fixture(scope="module")
+def valid_cflow_json(tmp_path_factory):
+    from conftest import TINY_HW, random_frames
+    from edgead.cflow.fit import fit_cflow
+
+    folder = str(tmp_path_factory.mktemp("fuzz") / "cflow.edgead")
+    fit_cflow([random_frames(6)], backbone="resnet18", weights="random", input_hw=TINY_HW, folds=0, epochs=1,
+              fiber_batch=128, coupling_blocks=1).save(folder)
+    with open(os.path.join(folder, CONFIG_NAME)) as fh:
+        return fh.read()
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_cflow_model_json_is_accepted_consistent_or_refused_in_one_line(valid_cflow_json, tmp_path, data):
+    folder = str(tmp_path / "c.edgead")
+    os.makedirs(folder, exist_ok=True)
+    text = _mutate(data, json.loads(valid_cflow_json))
     path = os.path.join(folder, CONFIG_NAME)
     with open(path, "w", encoding="utf-8", errors="surrogatepass") as fh:
         fh.write(text)

@@ -109,8 +109,8 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
     name = os.path.basename(os.path.normpath(data))
     started = time.perf_counter()
     fitter = chosen.make_fitter(backbone, weights, size, dim, seed, batch_size, max_memory, **options)
-    if folds and not val:
-        fitter.check_calibration_memory(folds, len(paths))  # a K-fold pass that cannot fit fails now, not later
+    # a fit (and its out-of-sample pass) that cannot fit the memory budget fails now, not later
+    fitter.check_calibration_memory(folds if not val else 0, len(paths))
     for frames, _ in ImageBatches(paths, size, batch_size=batch_size, desc="fit {}".format(name)):
         fitter.update(frames)
     fit_seconds = time.perf_counter() - started
@@ -133,7 +133,9 @@ def fit_bundle(data, out, backbone, weights, size, dim, seed, batch_size, folds=
                "backbone": bundle.config["backbone"], "dim": bundle.config["embedding"]["dim"],
                "calibration": bundle.config["calibration"],
                "calibration_provenance": bundle.config["calibration_provenance"], "warnings": list(fitter.warnings),
-               "memory": dict(fitter.memory.describe(), peak_rss=_peak_rss_bytes())}
+               "memory": dict(fitter.memory.describe(), peak_rss=_peak_rss_bytes()),
+               # a trained method's record (CFLOW: epochs run, best epoch per stage, seconds per epoch, losses)
+               "training": (bundle.config.get(bundle.config["method"]) or {}).get("training")}
     return bundle, summary
 
 
@@ -215,6 +217,12 @@ def make_fit_command():
             click.echo("fitted {} {} on {} images in {:.1f} s (D = {}) -> {}".format(
                 summary["method"], summary["backbone"]["name"], summary["n_train"], summary["total_seconds"],
                 summary["dim"], out))
+            training = summary["training"]
+            if training:
+                click.echo("trained {} epochs ({:.1f} s each{}), best epoch per stage {}".format(
+                    training["epochs_run"], training["seconds_per_epoch"],
+                    ", stopped early on the held-out fold" if training.get("stopped_early") else "",
+                    training["best_epoch"]))
             click.echo(_describe(bundle.config))
 
     command = fit

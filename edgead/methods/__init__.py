@@ -19,7 +19,7 @@ from edgead.errors import ConfigError
 
 _REGISTRY = {}
 #: modules that register the built-in methods when imported (imported lazily, on first lookup)
-_BUILTIN_MODULES = ("edgead.methods.padim", "edgead.methods.patchcore")
+_BUILTIN_MODULES = ("edgead.methods.padim", "edgead.methods.patchcore", "edgead.methods.cflow")
 
 
 def register_method(cls):
