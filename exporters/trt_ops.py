@@ -33,7 +33,7 @@ TENSORRT_OPS = {
     "TopK": "K is an initializer, at most {}".format(3840),
     "GatherND": "TensorRT >= 8.2 (batch_dims maps to nbElementWiseDims)",
     # CFLOW's coupling blocks (edgead.exporters.cflow_head)
-    "Tanh": None, "Exp": None,
+    "Tanh": None, "Exp": None, "Expand": "shape input computed from Shape (the batch) or constant",
 }
 #: Largest K of a TensorRT TopK layer (ITopKLayer; 3840 in TensorRT 8.5-10)
 TOPK_MAX_K = 3840

@@ -83,23 +83,28 @@ class FlowDecoder(nn.Module):
             self.blocks.append(i)
 
     def forward(self, patches):
-        x1, x2 = patches[:, :self.split], patches[:, self.split:]
-        log_det = None
+        """``[N, C, P]`` -> ``[N, P]``. Computed on ``[C, N P]`` (every patch of every frame a column), so each layer is
+        one 2-D matrix product with its bias (``addmm``; ONNX Gemm, which ONNX Runtime fuses with the ReLU)."""
+        batch, channels, num_patches = patches.shape
+        x = patches.transpose(0, 1).reshape(channels, batch * num_patches)
+        x1, x2 = x[:self.split], x[self.split:]
+        log_scales = []
         for i in self.blocks:
             t = {name: getattr(self, "block{}_{}".format(i, name)) for name in _BLOCK_BUFFERS}
-            hidden = F.relu(torch.matmul(t["in_weight"], x1) + t["position_bias"])  # [N, H, P]
-            log_scale = self.clamp * torch.tanh(torch.matmul(t["scale_weight"], hidden) + t["scale_bias"])
-            x2 = x2 * torch.exp(log_scale) + (torch.matmul(t["shift_weight"], hidden) + t["shift_bias"])
-            block_det = log_scale.sum(dim=1)  # [N, P]
-            log_det = block_det if log_det is None else log_det + block_det
-            out = torch.cat([x1, x2], dim=1) * t["gain"] + t["offset"]
+            position_bias = t["position_bias"].repeat(1, batch)  # [H, N P]: column n P + p is q[:, p]
+            hidden = F.relu(torch.addmm(position_bias, t["in_weight"], x1))
+            log_scale = self.clamp * torch.tanh(torch.addmm(t["scale_bias"], t["scale_weight"], hidden))
+            x2 = x2 * torch.exp(log_scale) + torch.addmm(t["shift_bias"], t["shift_weight"], hidden)
+            log_scales.append(log_scale)
+            out = torch.cat([x1, x2], dim=0) * t["gain"] + t["offset"]
             if i == self.blocks[-1]:  # |z|^2 does not depend on the order: the last permutation is skipped
                 z = out
             else:
-                x1, x2 = out[:, t["passive"]], out[:, t["active"]]
-        squared = (z * z).sum(dim=1)
+                x1, x2 = out[t["passive"]], out[t["active"]]
+        log_det = torch.cat(log_scales, dim=0).sum(dim=0)  # [N P]
+        squared = (z * z).sum(dim=0)
         constant = self.channels * flow.LOG_NORMAL_CONSTANT + self.log_det_constant
-        return (log_det - 0.5 * squared + constant) / self.channels
+        return ((log_det - 0.5 * squared + constant) / self.channels).reshape(batch, num_patches)
 
 
 class CflowHead(nn.Module):
