@@ -102,3 +102,10 @@ class FrameEmbedding(nn.Module):
 
     def forward(self, frames):
         return self.patch_embedding(self.preprocess(frames))
+
+
+@torch.no_grad()
+def embed_frames(frame_embedding, frames):
+    """uint8 ``[B, H, W, 3]`` RGB frames (numpy or tensor) at the model input size -> ``frame_embedding``'s output
+    (float32), without autograd: what every method's fitter calls on a training batch."""
+    return frame_embedding(torch.as_tensor(np.ascontiguousarray(frames)))

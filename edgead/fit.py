@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from edgead import backbones, blur, model_config, padim, resources, thresholds
 from edgead.bundle import PadimBundle
-from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_channels
+from edgead.embedding import FrameEmbedding, PatchEmbedding, Preprocess, choose_channels, embed_frames
 from edgead.errors import ConfigError, DataError
 from edgead.weights import load_backbone
 
@@ -90,10 +90,9 @@ class PadimFitter:
             self.memory.check(self._what + " with {}-fold thresholds".format(folds), largest,
                               "a fold of {} images (--folds n needs one image's)".format(largest))
 
-    @torch.no_grad()
     def embed(self, frames):
         """uint8 ``[B, H, W, 3]`` RGB (numpy or tensor) at the model input size -> ``[B, D, h, w]`` float32."""
-        return self.embedding(torch.as_tensor(np.ascontiguousarray(frames)))
+        return embed_frames(self.embedding, frames)
 
     def update(self, frames):
         """Add a batch of training frames: uint8 ``[B, H, W, 3]`` RGB at the model input size."""

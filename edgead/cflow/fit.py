@@ -33,7 +33,7 @@ from tqdm import tqdm
 from edgead import model_config, resources, thresholds
 from edgead.cflow import flow
 from edgead.cflow.model import CflowEmbedding, CflowHead, scale_layout
-from edgead.embedding import FrameEmbedding, Preprocess
+from edgead.embedding import FrameEmbedding, Preprocess, embed_frames
 from edgead.errors import ConfigError, DataError
 from edgead.weights import load_backbone
 
@@ -249,10 +249,9 @@ class CflowFitter:
                               " or 0".format(DEFAULT_FOLDS))
         self.memory.check(self._what, n_images)
 
-    @torch.no_grad()
     def embed(self, frames):
         """uint8 ``[B, H, W, 3]`` RGB (numpy or tensor) at the model input size -> flat rows ``[B, T]`` float32."""
-        return self.embedding(torch.as_tensor(np.ascontiguousarray(frames)))
+        return embed_frames(self.embedding, frames)
 
     def update(self, frames):
         """Add a batch of training frames (uint8 ``[B, H, W, 3]`` RGB at the model input size)."""

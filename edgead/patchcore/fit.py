@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from edgead import model_config, resources, thresholds
-from edgead.embedding import FrameEmbedding, Preprocess
+from edgead.embedding import FrameEmbedding, Preprocess, embed_frames
 from edgead.errors import ConfigError, DataError
 from edgead.patchcore import coreset
 from edgead.patchcore.embedding import AGGREGATION, OUT_INDICES, PatchcoreEmbedding, default_dim
@@ -186,10 +186,9 @@ class PatchcoreFitter:
         thresholds.parse_folds(folds)
         self.memory.check(self._what, n_images)
 
-    @torch.no_grad()
     def embed(self, frames):
         """uint8 ``[B, H, W, 3]`` RGB (numpy or tensor) at the model input size -> ``[B, D, h, w]`` float32."""
-        return self.embedding(torch.as_tensor(np.ascontiguousarray(frames)))
+        return embed_frames(self.embedding, frames)
 
     def update(self, frames):
         """Add a batch of training frames (uint8 ``[B, H, W, 3]`` RGB at the model input size) to the bank."""
