@@ -53,6 +53,7 @@ bench-anomalib: $(STAMP)
 	if [ -n "$(ORT_INCLUDE)" ]; then $(MAKE) ort-ops ORT_INCLUDE="$(ORT_INCLUDE)"; fi
 	$(PY) benchmarks/vs_anomalib.py --out bench_out
 	$(PY) benchmarks/vs_anomalib.py --method patchcore --out bench_out
+	$(PY) benchmarks/vs_anomalib.py --method cflow --out bench_out
 
 # GPU machine (no venv, no dependency installs, no network): builds the kernel for this GPU into build/gpu_check/,
 # checks it against float64, runs pytest -m gpu, compute-sanitizer and the kernel benchmark -> gpu_check.json.

