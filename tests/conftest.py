@@ -17,6 +17,17 @@ def random_frames(n, hw=TINY_HW, seed=0):
     return np.stack([cv2.GaussianBlur(f, (5, 5), 1.5) for f in frames])
 
 
+def assert_fit_refused_in_one_line(result, message, out):
+    """A refused ``edgead fit``: exit 2, no traceback, exactly one ``edgead: error:`` line holding ``message``, and
+    nothing written at ``out``."""
+    import os
+
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("edgead: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not os.path.exists(out)
+
+
 def cli_runner():
     """A click CliRunner whose result keeps stderr apart from stdout (``result.stderr``), on every click version."""
     from click.testing import CliRunner
