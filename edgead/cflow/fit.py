@@ -243,10 +243,7 @@ class CflowFitter:
     def check_calibration_memory(self, folds, n_images):
         """ConfigError before any work: ``--folds n`` (CFLOW holds out one fold, it does not refit per image) or a
         fit on ``n_images`` beyond the memory budget."""
-        if thresholds.parse_folds(folds) == "n":
-            raise ConfigError("--folds n (leave-one-out) does not apply to --method cflow, which trains once and "
-                              "holds out one fold of K for early stopping and thresholds; use --folds K (default {})"
-                              " or 0".format(DEFAULT_FOLDS))
+        _refuse_leave_one_out(thresholds.parse_folds(folds))
         self.memory.check(self._what, n_images)
 
     def embed(self, frames):
@@ -435,8 +432,7 @@ class CflowFitter:
             raise ValueError("{} images to calibrate on, but {} were fitted".format(n_images, self.count))
         if not folds:
             return None
-        if folds == "n":
-            self.check_calibration_memory(folds, n_images)
+        _refuse_leave_one_out(folds)
         if n_images < 2 * thresholds.MIN_IMAGES:
             self.warnings.append("only {} training images: too few to hold out a fold for early stopping and "
                                  "thresholds, so the flows train on all of them and frames will not be classified "
@@ -484,6 +480,14 @@ class CflowFitter:
         thresholds.set_calibration(config, self.calibration, self.calibration_provenance)
         state = {k: v.clone() for k, v in self.embedding.patch_embedding.extractor.state_dict().items()}
         return CflowBundle(config, state, self.scale_blocks)
+
+
+def _refuse_leave_one_out(folds):
+    """ConfigError for ``--folds n``: CFLOW trains once and holds out one fold, it does not refit per image."""
+    if folds == "n":
+        raise ConfigError("--folds n (leave-one-out) does not apply to --method cflow, which trains once and holds "
+                          "out one fold of K for early stopping and thresholds; use --folds K (default {}) or "
+                          "0".format(DEFAULT_FOLDS))
 
 
 def held_out_folds(n_images, folds):
