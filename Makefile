@@ -1,6 +1,10 @@
 # edgead: two commands on a fresh machine.
 #   make demo   fit + evaluate PaDiM (EfficientNet-Lite0, offline ImageNet weights) on the embedded demo dataset
-#   make test   install everything and run the test suite (CPU only; GPU/TensorRT tests skip)
+#   make test   install everything, build build/ort/libedgead_ort.so (`make ort-ops`: fetches the ONNX Runtime
+#               headers from Debian once, scripts/fetch_ort_headers.sh) and run the test suite (CPU only;
+#               GPU/TensorRT tests skip). A failed header fetch fails the target with one line; EDGEAD_ORT_OPS=skip
+#               (environment or make variable) does not build it (tests/test_ort_ops.py then skips unless the
+#               library is already there).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -22,7 +26,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgead demo --out demo_out
 
-test: $(STAMP)
+TEST_ORT_OPS := $(if $(filter skip,$(EDGEAD_ORT_OPS)),,ort-ops)
+
+test: $(STAMP) $(TEST_ORT_OPS)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -ra tests
 

@@ -1,13 +1,15 @@
 """The ONNX Runtime custom op ``edgead::PadimMahalanobis`` (``cpp_bindings/ort/``, ``libedgead_ort.so``).
 
-Needs the library: ``$EDGEAD_ORT_OPS_LIB`` / ``build/ort/libedgead_ort.so``, or onnxruntime headers in
-``$EDGEAD_ORT_INCLUDE`` to build it here (``make ort-ops ORT_INCLUDE=...``). onnxruntime's pip wheel ships no
-headers, so CI (offline) skips these; the kernel itself is tested in ``test_cpu_kernel.py`` without them.
+Needs the library: ``$EDGEAD_ORT_OPS_LIB`` / ``build/ort/libedgead_ort.so`` (``make test`` builds it first with
+``make ort-ops``, which fetches the headers from Debian: onnxruntime's pip wheel ships none), or onnxruntime
+headers in ``$EDGEAD_ORT_INCLUDE`` to build it here; skipped without either (``EDGEAD_ORT_OPS=skip make test``).
+The kernel itself is tested in ``test_cpu_kernel.py`` without them.
 Parity: the plugin flavour run by the op vs the standard-op flavour (same graph otherwise) <= 1e-5 relative,
 and vs torch <= 1e-4 relative (fp32 whitening).
 """
 import os
 import subprocess
+import time
 
 import numpy as np
 import onnx
@@ -66,6 +68,37 @@ def test_plugin_flavour_runs_on_ort_cpu(tiny_bundle, frames, ops_library, tmp_pa
     torch_maps, torch_scores = compare.torch_outputs(tiny_bundle, frames, precision)
     assert np.abs(maps - torch_maps).max() <= 1e-4 * np.abs(torch_maps).max()
     assert np.abs(scores - torch_scores).max() <= 1e-4 * np.abs(torch_scores).max()
+
+
+def test_engine_registers_the_library_by_itself(tiny_bundle, frames, ops_library, tmp_path, monkeypatch):
+    """No ort_ops argument: the engine finds libedgead_ort.so (build/ort/ after `make ort-ops`), registers it and
+    runs a plugin-flavour model."""
+    if ort_ops.find_ort_ops_library() != ops_library:  # built into a temporary folder from $EDGEAD_ORT_INCLUDE
+        monkeypatch.setenv(ort_ops.ENV_VAR, ops_library)
+    plugin = _write(onnx_export.build_onnx(tiny_bundle, "plugin", "fp16", 1), tmp_path / "plugin.onnx")
+    with OrtEngine(plugin, threads=2) as engine:
+        assert engine.info()["custom_ops"] == ops_library
+        maps, scores = engine.infer(frames)
+    assert maps.shape[0] == scores.shape[0] == len(frames)
+    assert np.isfinite(maps).all() and np.isfinite(scores).all()
+
+
+def test_header_fetch_failure_is_one_line(tmp_path):
+    """scripts/fetch_ort_headers.sh with an unreachable Debian mirror: exit 1, one stderr line naming what failed
+    and the manual alternative, nothing on stdout (so `make ort-ops` cannot pick up a folder)."""
+    env = dict(os.environ, EDGEAD_ORT_HEADERS_DIR=str(tmp_path / "cache"),
+               EDGEAD_DEBIAN_MIRROR="http://127.0.0.1:9/debian")  # port 9 (discard): connection refused at once
+    start = time.monotonic()
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "fetch_ort_headers.sh")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 1 and proc.stdout == b"", (proc.returncode, proc.stdout, err)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fetch_ort_headers: ") and "ORT_INCLUDE=" in err
+    if "not found" not in err and "keyring" not in err:  # apt-get/dpkg-deb/keyring present: the fetch itself failed
+        assert "apt-get update from http://127.0.0.1:9/debian trixie failed" in err
+    assert not (tmp_path / "cache" / "root").exists()
+    assert time.monotonic() - start < 30
 
 
 def _node_graph(mean_shape, dim=4, patches=6, w_dtype=np.float16, whitening_dtype="match"):
