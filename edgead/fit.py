@@ -59,13 +59,34 @@ class PadimFitter:
         if dim is not None:
             check_dim(dim)  # before loading weights; the upper bound needs the backbone (make_config)
         extractor, description = load_backbone(backbone, weights, seed=seed, input_hw=input_hw)
-        self.config = make_config(backbone, description, extractor, input_hw, dim, seed)
-        cfg = self.config
+        cfg = make_config(backbone, description, extractor, input_hw, dim, seed)
         patch = PatchEmbedding(extractor, cfg["embedding"]["channel_indices"], cfg["backbone"]["channels"],
                                cfg["backbone"]["strides"])
         self.embedding = FrameEmbedding(Preprocess(cfg["input"]["mean"], cfg["input"]["std"]), patch).eval()
-        grid_h, grid_w = cfg["embedding"]["grid"]
+        self._embed = lambda frames: embed_frames(self.embedding, frames)
+        self._backbone_state = lambda: {k: v.clone() for k, v in extractor.state_dict().items()}
         backbone_bytes = sum(t.numel() * t.element_size() for t in extractor.state_dict().values())
+        self._start_statistics(cfg, backbone_bytes, batch_size, max_memory)
+
+    @classmethod
+    def for_features(cls, config, backbone_state, embed, batch_size=1, max_memory=None):
+        """A fitter whose features come from ``embed`` (uint8 frames ``[B, H, W, 3]`` -> ``[B, D, h, w]`` float32,
+        numpy or torch) instead of the torch backbone: the int8 export refits the Gaussian statistics (and the
+        out-of-sample thresholds) on the features the quantised network computes. config: the bundle's
+        model.json dict (its calibration is replaced); backbone_state: the state dict the bundle keeps."""
+        self = cls.__new__(cls)
+        self.embedding = None
+        self._embed = lambda frames: torch.as_tensor(np.asarray(embed(frames), dtype=np.float32))
+        self._backbone_state = lambda: {k: v.clone() for k, v in backbone_state.items()}
+        config = {k: v for k, v in config.items() if k not in ("calibration", "calibration_provenance")}
+        backbone_bytes = sum(t.numel() * t.element_size() for t in backbone_state.values())
+        self._start_statistics(config, backbone_bytes, batch_size, max_memory)
+        return self
+
+    def _start_statistics(self, config, backbone_bytes, batch_size, max_memory):
+        self.config = cfg = config
+        input_hw = (cfg["input"]["height"], cfg["input"]["width"])
+        grid_h, grid_w = cfg["embedding"]["grid"]
         #: the memory budget and what fits in it (``resources.FitMemoryPlan``); max_memory: bytes or None (default)
         self.memory = resources.FitMemoryPlan(grid_h * grid_w, cfg["embedding"]["dim"], input_hw, batch_size,
                                               backbone_bytes, max_memory)
@@ -92,7 +113,7 @@ class PadimFitter:
 
     def embed(self, frames):
         """uint8 ``[B, H, W, 3]`` RGB (numpy or tensor) at the model input size -> ``[B, D, h, w]`` float32."""
-        return embed_frames(self.embedding, frames)
+        return self._embed(frames)
 
     def update(self, frames):
         """Add a batch of training frames: uint8 ``[B, H, W, 3]`` RGB at the model input size."""
@@ -238,8 +259,7 @@ class PadimFitter:
         config = dict(self.config)
         config["padim"] = dict(config["padim"], n_train=self.accumulator.count)
         thresholds.set_calibration(config, self.calibration, self.calibration_provenance)
-        state = {k: v.clone() for k, v in self.embedding.patch_embedding.extractor.state_dict().items()}
-        return PadimBundle(config, state, mean, whitening)
+        return PadimBundle(config, self._backbone_state(), mean, whitening)
 
 
 def fit_padim(batches, backbone="efficientnet_lite0", weights="imagenet", input_hw=(256, 256), dim=None, seed=0,

@@ -3,10 +3,12 @@
 Mirrors ``edgead.model.PadimHead`` op for op, with only TensorRT-parser-friendly standard ops
 (see ``edgead.exporters.trt_ops``). The Mahalanobis step comes in two flavours:
 
-- ``onnx``: standard ops. The file stores the *packed* whitening ``[P, T]`` (fp16 or fp32); a
-  Cast/Concat/Gather chain on initializers rebuilds dense transposed row blocks of ``W``, which
-  ONNX Runtime and TensorRT constant-fold once at load, so the file stays small and inference runs a
-  plain batched MatMul.
+- ``onnx``: standard ops. The file stores what the batched MatMuls read: the dense transposed row
+  blocks of the lower-triangular ``W`` (``[P, r1, r1 - r0]`` each, only the triangle's prefix columns),
+  fp32 as they are, fp16 behind one Cast each that ONNX Runtime and TensorRT constant-fold at load.
+  Nothing else is materialised: the earlier layout (packed ``[P, T]`` + Cast/Concat/Gather, folded at
+  load) briefly held the fp32 packed copy, its padded copy and the blocks together, which put ONNX
+  Runtime's peak RSS at load above anomalib's (471 vs 285 MB for ResNet18, D = 100).
 - ``plugin``: one ``edgead::PadimMahalanobis`` node (our CUDA kernel in TensorRT, our CPU kernel in
   ONNX Runtime through ``libedgead_ort.so``) taking
   ``(embedding [N, D, P], mean [P, D], whitening_packed [P, T])`` -> ``distance [N, P]``.
@@ -48,10 +50,11 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), full))
         return full
 
-    def rows_const(self, name, rows, dtype):
-        """A ``[rows, cols]`` initializer stored as ``dtype`` from ``rows`` (an array or a row stream)."""
+    def rows_const(self, name, rows, dtype, dims=None):
+        """A ``[rows, cols]`` initializer (or ``dims``, the same bytes) stored as ``dtype`` from ``rows`` (an
+        array or a row stream)."""
         full = self.prefix + name
-        source = streaming.TensorSource(rows, dtype)
+        source = streaming.TensorSource(rows, dtype, dims)
         tensor = streaming.placeholder(full, source)
         if self.stream:
             self.sources[full] = source
@@ -65,6 +68,14 @@ class _GraphBuilder:
         kwargs = {"domain": domain} if domain else {}
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **kwargs, **attrs))
         return output
+
+
+def default_blocks(dim):
+    """Row blocks of the standard-op Mahalanobis for embedding dimension ``dim``: 2 for D <= 150 (the triangle
+    stored at 75 % of dense; ResNet18 D = 100 on ONNX Runtime CPU, 2 threads: 2 blocks 11.00 ms a frame,
+    3 blocks 11.18, 4 blocks 11.22: smaller MatMuls stream slower and pay per node), then one more per 100
+    dimensions up to 8 (WideResNet50 D = 550: 7 blocks, 57 % of dense, where each block is large)."""
+    return 2 if dim <= 150 else min(8, 2 + (int(dim) + 49) // 100)
 
 
 def block_spans(dim, blocks):
@@ -81,32 +92,38 @@ def block_gather_index(dim, rows, cols):
     return np.ascontiguousarray(dense_t[cols[0]:cols[1], rows[0]:rows[1]])
 
 
-def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, precision, blocks=2):
+def stored_block_fraction(dim, blocks):
+    """Entries the standard-op head stores per patch, as a fraction of the dense ``D x D``."""
+    return sum(end * (end - start) for start, end in block_spans(dim, blocks)) / float(dim * dim)
+
+
+def mahalanobis_standard_ops(builder, embedding_flat, mean, whitening_packed, precision, blocks=None):
     """Standard-op Mahalanobis. embedding_flat ``[N, D, P]`` -> distance name ``[N, P]``.
 
     mean ``[P, D]`` float32 (numpy), whitening_packed ``[P, T]`` float32 (numpy, or rows: see
-    ``edgead.exporters.streaming``). ``W`` is lower triangular, so
-    row block ``i`` (rows ``r0:r1``) of ``y = W c`` needs only the prefix ``c[:r1]``: one MatMul
-    ``c[:r1] @ W[r0:r1, :r1]ᵀ`` per row block, and ``d² = Σ_i ||y_i||²``. The dense weights ONNX Runtime
-    holds after constant-folding the Gathers are ``D²(B+1)/2B`` per patch (75 % of dense for B = 2), so
-    the memory-bound MatMuls read that much less. Also used to replace the plugin node when checking the
-    plugin flavour on CPU without ``libedgead_ort.so``.
+    ``edgead.exporters.streaming``). ``W`` is lower triangular, so row block ``i`` (rows ``r0:r1``) of
+    ``y = W c`` needs only the prefix ``c[:r1]``: one MatMul ``c[:r1] @ W[r0:r1, :r1]ᵀ`` per row block, and
+    ``d² = Σ_i ||y_i||²``. Each block is stored as the MatMul reads it, ``[P, r1, r1 - r0]`` (gathered from
+    the packed rows while streaming, ``streaming.GatheredRows``): ``stored_block_fraction`` of dense per
+    patch (67 % for 3 blocks), so the memory-bound MatMuls read that much less and a session holds exactly
+    one fp32 copy. blocks: None = ``default_blocks(D)``. Also used to replace the plugin node when checking
+    the plugin flavour on CPU without ``libedgead_ort.so``.
     """
     num_patches, dim = mean.shape
+    blocks = default_blocks(dim) if blocks is None else blocks
     store_dtype = np.float16 if precision == "fp16" else np.float32
-    packed = builder.rows_const("whitening_packed", whitening_packed, store_dtype)  # fp16: converted per chunk
-    if precision == "fp16":
-        packed = builder.node("Cast", [packed], "whitening_packed_f32", to=TensorProto.FLOAT)
-    zero_column = builder.const("zero_column", np.zeros((num_patches, 1), np.float32))
-    padded = builder.node("Concat", [packed, zero_column], "whitening_padded", axis=1)
+    packed_rows = streaming.as_rows(whitening_packed)
     by_patch = builder.node("Transpose", [embedding_flat], "embedding_by_patch", perm=[2, 0, 1])  # [P, N, D]
     mean_name = builder.const("mean", mean.astype(np.float32).reshape(num_patches, 1, dim))
     centred = builder.node("Sub", [by_patch, mean_name], "centred")
     partial = []
     for i, (row_start, row_end) in enumerate(block_spans(dim, blocks)):
         # row block i of y = W c needs only c[:row_end] (W is lower triangular): one [P, row_end, rows] MatMul
-        index = builder.const("w%d_index" % i, block_gather_index(dim, (row_start, row_end), (0, row_end)))
-        weights_t = builder.node("Gather", [padded, index], "w%d_t" % i, axis=1)  # [P, row_end, rows]
+        index = block_gather_index(dim, (row_start, row_end), (0, row_end))
+        weights_t = builder.rows_const("w%d_t" % i, streaming.GatheredRows(packed_rows, index), store_dtype,
+                                       dims=(num_patches,) + index.shape)  # fp16: converted per chunk
+        if precision == "fp16":
+            weights_t = builder.node("Cast", [weights_t], "w%d_t_f32" % i, to=TensorProto.FLOAT)  # folded at load
         if row_end == dim:
             prefix = centred
         else:
@@ -151,7 +168,7 @@ def mahalanobis_plugin(builder, embedding_flat, mean, whitening_packed, precisio
 
 
 def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", precision="fp16",
-               map_name="anomaly_map", score_name="score", blocks=2):
+               map_name="anomaly_map", score_name="score", blocks=None):
     """Nodes + initializers from ``embedding`` (name of ``[N, D, h, w]``) to the two graph outputs.
 
     Returns ``(nodes, initializers)``; the output tensors are named ``map_name`` and ``score_name``.
@@ -164,7 +181,7 @@ def build_head(embedding, config, mean, whitening_packed, mahalanobis="onnx", pr
 
 
 def build_head_streamed(embedding, config, mean, whitening_packed, mahalanobis="onnx", precision="fp16",
-                        map_name="anomaly_map", score_name="score", blocks=2):
+                        map_name="anomaly_map", score_name="score", blocks=None):
     """As ``build_head``, but the packed whitening initializer is a placeholder without data: returns
     ``(nodes, initializers, sources)`` with ``sources`` = ``{initializer name: streaming.TensorSource}``, for
     ``external_data.write_model(..., sources=sources)`` or ``streaming.materialize``."""

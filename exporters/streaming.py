@@ -47,6 +47,33 @@ class FunctionRows:
         self.iter_rows = iter_rows
 
 
+class GatheredRows:
+    """Rows of ``source`` with one zero appended, gathered by a fixed column ``index``: row ``r`` is
+    ``concat(source[r], 0)[index.ravel()]`` (float32). For PaDiM's standard-op head: the packed whitening
+    ``[P, T]`` -> one dense transposed row block ``[P, c * r]`` of ``W`` (``onnx_head.block_gather_index``;
+    index ``T`` is the zero above the diagonal), converted block by block as the packed rows are read."""
+
+    def __init__(self, source, index):
+        self.source = as_rows(source)
+        self.index = np.ascontiguousarray(index, dtype=np.int64).ravel()
+        rows, cols = self.source.shape
+        if self.index.size and (self.index.min() < 0 or self.index.max() > cols):
+            raise ValueError("gather index outside 0..{} (the appended zero is {})".format(cols, cols))
+        self.shape = (rows, int(self.index.size))
+
+    def iter_rows(self, max_bytes=None):
+        """Blocks of gathered rows; both the packed float32 rows read and the rows yielded stay within
+        ``max_bytes`` (unless one row is larger)."""
+        max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
+        cols = self.source.shape[1]
+        step = min(rows_per_chunk(self.index.size, max_bytes), rows_per_chunk(cols, max_bytes))
+        for start, block in self.source.iter_rows(step * cols * 4):
+            padded = np.empty((len(block), cols + 1), np.float32)
+            padded[:, :cols] = block
+            padded[:, cols] = 0.0
+            yield start, padded[:, self.index]
+
+
 def rows_per_chunk(cols, max_bytes, itemsize=4):
     """Rows of ``cols`` items of ``itemsize`` bytes in one chunk of at most ``max_bytes`` (at least 1)."""
     return max(1, int(max_bytes) // max(1, int(cols) * int(itemsize)))
@@ -65,14 +92,18 @@ def as_rows(value):
 class TensorSource:
     """The raw bytes of one ``[rows, cols]`` initializer stored as ``dtype`` (little-endian), chunk by chunk.
 
-    rows: see the module doc; dtype: numpy float16 or float32 (the ONNX storage type). Re-iterable: each
-    ``chunks()`` call reads the rows again.
+    rows: see the module doc; dtype: numpy float16 or float32 (the ONNX storage type); dims: the tensor's dims
+    when it is not 2-D (``dims[0]`` = rows, the product of the rest = cols; row-major, so the bytes are the
+    same). Re-iterable: each ``chunks()`` call reads the rows again.
     """
 
-    def __init__(self, rows, dtype):
+    def __init__(self, rows, dtype, dims=None):
         self.rows = as_rows(rows)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shape = tuple(int(v) for v in self.rows.shape)
+        self.dims = self.shape if dims is None else tuple(int(v) for v in dims)
+        if self.dims[0] != self.shape[0] or int(np.prod(self.dims[1:], dtype=np.int64)) != self.shape[1]:
+            raise ValueError("dims {} do not hold {} x {} rows".format(self.dims, *self.shape))
         self.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
@@ -104,7 +135,7 @@ class TensorSource:
 def placeholder(name, source):
     """A TensorProto with ``name``, the dims and data type of ``source`` and no data."""
     tensor = TensorProto()
-    tensor.dims.extend(source.shape)
+    tensor.dims.extend(source.dims)
     tensor.name = name
     tensor.data_type = source.data_type
     return tensor
@@ -133,9 +164,9 @@ def check_sources(model, sources):
             if tensor.name in found:
                 raise ValueError("initializer {!r} appears twice".format(tensor.name))
             source = sources[tensor.name]
-            if has_data(tensor) or tuple(tensor.dims) != source.shape or tensor.data_type != source.data_type:
+            if has_data(tensor) or tuple(tensor.dims) != source.dims or tensor.data_type != source.data_type:
                 raise ValueError("initializer {!r} is not a placeholder for its source ({} {}, expected {} {})".format(
-                    tensor.name, tuple(tensor.dims), tensor.data_type, source.shape, source.data_type))
+                    tensor.name, tuple(tensor.dims), tensor.data_type, source.dims, source.data_type))
             found[tensor.name] = tensor
     missing = sorted(set(sources) - set(found))
     if missing:

@@ -266,6 +266,24 @@ def _check_precision_support(trt, onnx_path, fp16, int8):
                           "without --int8 (use --fp16)".format(onnx_path, version))
 
 
+def _explicit_int8(onnx_path, info, implicit_int8):
+    """True for an ``edgead export --precision int8 --int8-target tensorrt`` model (Q/DQ in the graph: TensorRT's
+    explicit quantisation); ExportError for an int8 export made for ONNX Runtime (uint8 activations, which
+    TensorRT's Q/DQ layers do not take) or combined with the implicit calibrator (--int8)."""
+    export = info.get("export") or {}
+    if export.get("precision") != "int8":
+        return False
+    target = (export.get("quantization") or {}).get("target")
+    if target != "tensorrt":
+        raise ExportError("{}: this int8 export is for ONNX Runtime (uint8 activations; TensorRT's explicit "
+                          "quantisation takes int8 with zero point 0): re-export with --precision int8 "
+                          "--int8-target tensorrt".format(onnx_path))
+    if implicit_int8:
+        raise ExportError("{}: the model is already quantised (Q/DQ, statistics refitted on its int8 features): "
+                          "build it without --int8/--calib".format(onnx_path))
+    return True
+
+
 def build_engine(onnx_path, engine_path, fp16=False, int8=False, calib_dir=None, workspace_mb=1024,
                  plugin_lib=None, max_batch=8, verbose=False):
     """Build and save ``engine_path`` (+ ``engine_path.json``) from ``onnx_path``; returns the summary dict."""
@@ -277,6 +295,7 @@ def build_engine(onnx_path, engine_path, fp16=False, int8=False, calib_dir=None,
         raise ExportError("{}: --workspace must be a positive number of MiB, got {}".format(onnx_path, workspace_mb))
     if max_batch < 1:
         raise ExportError("{}: --max-batch must be >= 1, got {}".format(onnx_path, max_batch))
+    explicit_int8 = _explicit_int8(onnx_path, info, int8)
     trt = _import_tensorrt(onnx_path)
     _check_precision_support(trt, onnx_path, fp16, int8)
     strongly_typed = strongly_typed_only(trt)
@@ -304,6 +323,8 @@ def build_engine(onnx_path, engine_path, fp16=False, int8=False, calib_dir=None,
     if tf32 and not (fp16 or int8):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 rounds conv/matmul inputs to 10 bits
         tf32 = False
+    if explicit_int8 and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ layers run in int8 only with the flag (TensorRT 8.x-10.x)
     if fp16:
         if not getattr(builder, "platform_has_fast_fp16", True):
             raise ExportError("{}: --fp16 requested but this GPU has no fast fp16".format(onnx_path))
@@ -368,7 +389,7 @@ def build_engine(onnx_path, engine_path, fp16=False, int8=False, calib_dir=None,
              "workspace_mb": int(workspace_mb), "plugin_lib": loaded_plugin,
              "max_batch": int(max_batch) if dynamic else int(shape[0]),
              "opt_batch": int(opt_batch) if dynamic else int(shape[0]),
-             "int8_calibration": calibration,
+             "int8_calibration": calibration, "int8_explicit": bool(explicit_int8),
              "build_seconds": round(time.time() - started, 1)}
     sidecar = dict(info)
     sidecar["tensorrt"] = built

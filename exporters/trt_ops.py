@@ -34,6 +34,9 @@ TENSORRT_OPS = {
     "GatherND": "TensorRT >= 8.2 (batch_dims maps to nbElementWiseDims)",
     # CFLOW's coupling blocks (edgead.exporters.cflow_head)
     "Tanh": None, "Exp": None, "Expand": "shape input computed from Shape (the batch) or constant",
+    # int8 exports (edgead.exporters.int8, --int8-target tensorrt): explicit quantisation
+    "QuantizeLinear": "int8, zero point 0 (explicit quantisation)",
+    "DequantizeLinear": "int8, zero point 0 (explicit quantisation)",
 }
 #: Largest K of a TensorRT TopK layer (ITopKLayer; 3840 in TensorRT 8.5-10)
 TOPK_MAX_K = 3840
@@ -48,6 +51,7 @@ def check_graph(model):
 
     problems = []
     initializers = {t.name: t for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
         domain = node.domain or ""
         if domain not in ("", "ai.onnx"):
@@ -56,8 +60,20 @@ def check_graph(model):
             continue
         if node.op_type not in TENSORRT_OPS:
             problems.append("{}: op {} is not in the TensorRT-supported list".format(node.name, node.op_type))
-        if node.op_type == "Conv" and node.input[1] not in initializers:
-            problems.append("{}: Conv weights must be an initializer".format(node.name))
+        if node.op_type == "Conv" and node.input[1] not in initializers and not (
+                producers.get(node.input[1]) is not None and producers[node.input[1]].op_type == "DequantizeLinear"
+                and producers[node.input[1]].input[0] in initializers):
+            problems.append("{}: Conv weights must be an initializer (or its DequantizeLinear)".format(node.name))
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero = initializers.get(node.input[2]) if len(node.input) > 2 else None
+            quantized = zero if zero is not None else (
+                initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None)
+            if quantized is not None and quantized.data_type != TensorProto.INT8:
+                problems.append("{}: {} of {}: TensorRT's explicit quantisation takes int8 only".format(
+                    node.name, node.op_type, TensorProto.DataType.Name(quantized.data_type).lower()))
+            elif zero is not None and numpy_helper.to_array(zero).any():
+                problems.append("{}: {} zero point is not 0 (TensorRT takes symmetric int8)".format(
+                    node.name, node.op_type))
         if node.op_type == "TopK":
             k = initializers.get(node.input[1]) if len(node.input) > 1 else None
             if k is None:

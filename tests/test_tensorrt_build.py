@@ -104,7 +104,7 @@ def test_fp32_dynamic_build_main_profile_and_sidecar(tmp_path, fake_trt):
     assert built.pop("build_seconds") >= 0
     assert built == {"version": "10.3.0", "fp16": False, "int8": False, "strongly_typed": False, "tf32": False,
                      "gpu": "Fake GPU", "compute_capability": "8.7", "workspace_mb": 1024, "plugin_lib": None,
-                     "max_batch": 8, "opt_batch": 4, "int8_calibration": None}
+                     "max_batch": 8, "opt_batch": 4, "int8_calibration": None, "int8_explicit": False}
     assert summary["tensorrt"]["max_batch"] == 8
     info = modelinfo.load_model_info(engine_path)  # the runtime reads it back (schema + engine hash)
     assert info["tensorrt"]["strongly_typed"] is False
@@ -451,3 +451,47 @@ def test_cuda_device_status_without_libcudart(monkeypatch):
     monkeypatch.setattr(tensorrt_engine, "CudaRuntime", missing)
     ok, reason = tensorrt_engine.cuda_device_status()
     assert ok is False and "libcudart" in reason
+
+
+# --- explicit quantisation: edgead export --precision int8 -----------------------------------------------------
+
+def _int8_model(tmp_path, target):
+    """A fake model whose metadata says it is an int8 export for ``target``."""
+    import onnx
+
+    from fake_models import build_fake_model, fake_metadata
+
+    model = build_fake_model(batch="dynamic")
+    meta = fake_metadata(batch="dynamic")
+    meta["export"].update(precision="int8", statistics="fp16", quantization={
+        "target": target, "calibration_images": 20, "refit_images": 20})
+    for prop in model.metadata_props:
+        if prop.key == "edgead":
+            prop.value = json.dumps(meta)
+    path = str(tmp_path / "int8.onnx")
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("version, flags", [("8.6.1", ["INT8"]), ("10.3.0", ["INT8"]), ("11.1.0", [])])
+def test_tensorrt_target_int8_export_builds_with_the_int8_flag(tmp_path, fake_trt, version, flags):
+    trt, _ = fake_trt(version)
+    tensorrt_build.build_engine(_int8_model(tmp_path, "tensorrt"), str(tmp_path / "m.engine"))
+    assert [c[1] for c in builder_calls(trt, "set_flag")] == flags  # 11.x: strongly typed, Q/DQ carry the types
+    built = _sidecar(str(tmp_path / "m.engine"))["tensorrt"]
+    assert built["int8_explicit"] is True and built["int8"] is False and built["int8_calibration"] is None
+
+
+def test_onnxruntime_target_int8_export_is_refused_before_tensorrt(tmp_path, fake_trt):
+    trt, _ = fake_trt("10.3.0")
+    with pytest.raises(ExportError, match="re-export with --precision int8 --int8-target tensorrt"):
+        tensorrt_build.build_engine(_int8_model(tmp_path, "onnxruntime"), str(tmp_path / "m.engine"))
+    assert builder_calls(trt, "build_serialized_network") == [] and not os.path.exists(str(tmp_path / "m.engine"))
+
+
+def test_implicit_int8_on_an_int8_export_is_refused(tmp_path, fake_trt):
+    fake_trt("8.6.1")
+    calib, _ = _calib_dir(tmp_path, 4)
+    with pytest.raises(ExportError, match="already quantised"):
+        tensorrt_build.build_engine(_int8_model(tmp_path, "tensorrt"), str(tmp_path / "m.engine"), int8=True,
+                                    calib_dir=calib)

@@ -14,8 +14,19 @@ from edgead.errors import DataError
               help="Head flavour. onnx: standard ops (runs anywhere, every method); plugin (PaDiM only): one "
                    "edgead::PadimMahalanobis node for TensorRT and, with libedgead_ort.so (make ort-ops), ONNX "
                    "Runtime CPU.")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="Storage of the method's large statistics (PaDiM: the packed whitening, the mean stays fp32).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8"]), default="fp16", show_default=True,
+              help="fp16/fp32: storage of the method's large statistics (PaDiM: the whitening, the mean stays fp32). "
+                   "int8 (PaDiM): a QDQ int8 backbone (per-channel weights, activations calibrated on --calib) with "
+                   "the Gaussian statistics and thresholds refitted on its int8 features, stored fp16.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="int8: good images (folder, file or glob; the training images, at least 10) that calibrate the "
+                   "activations and refit the statistics.")
+@click.option("--int8-target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True,
+              help="int8 activations: onnxruntime = uint8 with zero points (ONNX Runtime's fast x86 kernels); "
+                   "tensorrt = int8 symmetric, what TensorRT's explicit quantisation takes (edgead build).")
+@click.option("--int8-calibration", type=click.Choice(["minmax", "percentile"]), default="minmax",
+              show_default=True, help="int8: how activation ranges are taken from --calib.")
 @click.option("--batch", default="1", show_default=True, help="1, N, or dynamic.")
 @click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
               help="float32 (0..255) for TensorRT 8.5, which has no uint8 inputs.")
@@ -24,7 +35,8 @@ from edgead.errors import DataError
                    "exceed 1.8 GiB (protobuf's limit is 2 GiB; e.g. fp32 wide_resnet50_2); keep both files together.")
 @click.option("--force", is_flag=True, help="Replace --out even when it is not an edgead ONNX model.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external_data, force, as_json):
+def export(bundle_dir, out, mahalanobis, precision, calib, int8_target, int8_calibration, batch, input_dtype,
+           external_data, force, as_json):
     """Export a bundle (any method) to one ONNX graph: uint8 [N,H,W,3] RGB -> anomaly_map [N,1,H,W], score [N].
 
     A model over 1.8 GiB keeps its large tensors in an external data file next to the .onnx
@@ -35,18 +47,29 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external
       edgead export bottle.edgead -o bottle.onnx
       edgead export bottle.edgead -o bottle_trt.onnx --mahalanobis plugin --batch dynamic
       edgead export wrn50.edgead -o wrn50.onnx --precision fp32   # 2.5 GB: + wrn50.onnx.<sha16>.data
+      edgead export bottle.edgead -o bottle_int8.onnx --precision int8 --calib mvtec/bottle/train/good
     """
     from edgead.bundle import load_bundle
     from edgead.exporters import trt_ops
     from edgead.exporters.external_data import external_locations
-    from edgead.exporters.onnx_export import export_onnx, graph_op_types
+    from edgead.exporters.onnx_export import Int8Options, export_onnx, graph_op_types, read_metadata
 
     from edgead.output_paths import check_model_path
 
+    if (precision == "int8") != bool(calib):
+        raise DataError("--calib DATA goes with --precision int8 (good images that calibrate it and refit the "
+                        "statistics)" if calib else "--precision int8 needs --calib DATA: good images (the training "
+                        "images) that calibrate the activations and refit the statistics")
     check_model_path(out, force)  # before loading anything
     # the statistics stay on disk and are streamed into the file block by block (never a whole copy in memory)
-    with load_bundle(bundle_dir, lazy_statistics=True) as bundle:
-        model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype, external_data=external_data)
+    with load_bundle(bundle_dir, lazy_statistics=precision != "int8") as bundle:
+        int8 = None
+        if precision == "int8":
+            int8 = Int8Options(_calibration_frames(calib, bundle), int8_target, int8_calibration)
+        model = export_onnx(bundle, out, mahalanobis, precision, batch, input_dtype, external_data=external_data,
+                            int8=int8)
+    for message in (int8.warnings if int8 else []):
+        click.echo("warning: " + message, err=True)
     data_files = external_locations(model)  # one file, or none when inline
     folder = os.path.dirname(os.path.abspath(out))
     onnx_bytes = os.path.getsize(out)
@@ -61,16 +84,32 @@ def export(bundle_dir, out, mahalanobis, precision, batch, input_dtype, external
         "precision": precision,
         "batch": batch,
     }
+    if int8 is not None:
+        summary["quantization"] = read_metadata(model)["export"]["quantization"]
+        summary["calibration"] = int8.refitted.config.get("calibration")
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         size = "{:.1f} MB".format(summary["total_bytes"] / 1e6)
         if summary["data_file"]:
             size += " with external data {}".format(summary["data_file"])
-        click.echo("wrote {} ({}, {} flavour, {} statistics, batch {})".format(
-            out, size, mahalanobis, precision, batch))
+        what = "{} statistics".format(precision)
+        if int8 is not None:
+            what = "int8 front end for {} + fp16 statistics refitted on {} images".format(int8_target, len(int8.frames))
+        click.echo("wrote {} ({}, {} flavour, {}, batch {})".format(out, size, mahalanobis, what, batch))
         for problem in summary["tensorrt_problems"]:
             click.echo("warning: " + problem, err=True)
+
+
+def _calibration_frames(calib, bundle):
+    """uint8 ``[N, H, W, 3]`` of every image ``calib`` names, resized to the bundle's input (progress on stderr)."""
+    import numpy as np
+
+    from edgead.data import ImageBatches, list_images
+
+    paths = list_images(calib)
+    batches = [frames for frames, _ in ImageBatches(paths, bundle.input_hw, batch_size=16, desc="int8 calibration images")]
+    return np.concatenate(batches)
 
 
 @click.command("compare")

@@ -58,7 +58,7 @@ class PadimMethod(Method):
         check_backbone(bundle, folder, weights_path)
         return bundle
 
-    def build_onnx_head(self, bundle, embedding, flavour, precision, map_name, score_name, blocks=2, **options):
+    def build_onnx_head(self, bundle, embedding, flavour, precision, map_name, score_name, blocks=None, **options):
         """The Mahalanobis head of ``exporters.onnx_head`` (standard ops or the ``PadimMahalanobis`` plugin node),
         its packed whitening streamed from the bundle (``PadimBundle.iter_whitening_rows``)."""
         from edgead.exporters import onnx_head, streaming
