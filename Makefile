@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/padim_reference.py --out bench_out
 	$(PY) benchmarks/long_run_rss.py --out bench_out
 	$(PY) benchmarks/patchcore_coreset.py --out bench_out
+	$(PY) benchmarks/int8_quality.py --tensorrt --out bench_out
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --quick --out bench_out/quick
@@ -51,6 +52,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/padim_reference.py --quick --out bench_out/quick
 	$(PY) benchmarks/long_run_rss.py --quick --out bench_out/quick
 	$(PY) benchmarks/patchcore_coreset.py --quick --out bench_out/quick
+	$(PY) benchmarks/int8_quality.py --quick --out bench_out/quick
 
 # anomalib 2.7 lives in its own venv (shares torch/timm with .venv through a .pth file).
 # ORT_INCLUDE=<onnxruntime include dir> also builds libedgead_ort.so first, so the plugin flavour is timed too

@@ -225,7 +225,7 @@ def main():
 
 def _run(args, work):
     from edgead.exporters import compare as cmp
-    from edgead.exporters.onnx_export import export_onnx
+    from edgead.exporters.onnx_export import Int8Options, export_onnx
     from edgead.fit import fit_padim
 
     anomalib = export_anomalib(args.anomalib_python, os.path.join(work, "anomalib"), args.train, args.seed, args.size)
@@ -237,6 +237,11 @@ def _run(args, work):
         path = os.path.join(work, "edgead_{}.onnx".format(precision))
         export_onnx(bundle, path, "onnx", precision, 1)
         ours["edgead " + precision] = path
+    # int8: QDQ backbone calibrated on the training frames, statistics refitted on its features (a new model:
+    # its parity is with its own QDQ graph, see benchmarks/int8_quality.py, not with the fp32 torch model)
+    path = os.path.join(work, "edgead_int8.onnx")
+    export_onnx(bundle, path, "onnx", "int8", 1, int8=Int8Options(frames))
+    ours["edgead int8"] = path
     ops_library = None if args.no_ort_ops else ort_ops.find_ort_ops_library()
     if ops_library:  # the plugin flavour on ONNX Runtime CPU through libedgead_ort.so (make ort-ops)
         path = os.path.join(work, "edgead_plugin_fp16.onnx")
@@ -266,7 +271,9 @@ def _run(args, work):
         row = {"model": name, "median_ms": round(timing[name]["median_ms"], 3), "p90_ms": round(timing[name]["p90_ms"], 3),
                "latency_ratio": round(timing[name]["median_ms"] / base, 3), "mbytes": round(_model_bytes(path) / 1e6, 1),
                "size_ratio": round(_model_bytes(path) / base_bytes, 3)}
-        if name != "anomalib 2.7":
+        if name not in custom_ops:  # a fresh process per model (RSS_CHILD registers no custom-op library)
+            row["peak_rss_mb"] = round(peak_rss(path, args.threads, 1)["peak_rss_mb"], 1)
+        if name not in ("anomalib 2.7", "edgead int8"):
             outs = [sessions[name].run(None, {"image": test[i:i + 1]}) for i in range(len(test))]
             maps = np.concatenate([o[0] for o in outs])
             scores = np.concatenate([o[1] for o in outs])
@@ -276,27 +283,35 @@ def _run(args, work):
             row["map_max_rel_vs_torch_same_precision"] = float(np.abs(maps - sp_maps).max() / np.abs(sp_maps).max())
         rows.append(row)
     breakdown = {"anomalib 2.7": op_breakdown(anomalib["onnx"], feeds["anomalib 2.7"], args.threads)}
-    for name in ("edgead fp16", "edgead plugin fp16"):
+    for name in ("edgead fp16", "edgead int8", "edgead plugin fp16"):
         if name in ours:
             breakdown[name] = op_breakdown(ours[name], feeds[name], args.threads, custom_ops=custom_ops.get(name))
 
     runs = timing["anomalib 2.7"]["runs"]
     print("PaDiM ResNet18 {0}x{0}, batch 1, ORT {1} CPU, {2} threads, {3} timed runs per model in {4} interleaved "
           "rounds; {5}".format(args.size, _ort_version(), args.threads, runs, args.rounds, cpu_name()))
-    header = "{:<19} {:>10} {:>8} {:>8} {:>9} {:>8} {:>14} {:>14}".format(
-        "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "map rel err", "same-W rel err")
+    header = "{:<19} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9} {:>14} {:>14}".format(
+        "model", "median ms", "p90 ms", "ratio", "size MB", "size x", "peak RSS", "map rel err", "same-W rel err")
     print(header + "\n" + "-" * len(header))
     for r in rows:
-        print("{:<19} {:>10.2f} {:>8.2f} {:>8.3f} {:>9.1f} {:>8.3f} {:>14} {:>14}".format(
+        print("{:<19} {:>10.2f} {:>8.2f} {:>8.3f} {:>9.1f} {:>8.3f} {:>9} {:>14} {:>14}".format(
             r["model"], r["median_ms"], r["p90_ms"], r["latency_ratio"], r["mbytes"], r["size_ratio"],
+            "%.0f MB" % r["peak_rss_mb"] if "peak_rss_mb" in r else "-",
             "%.1e" % r["map_max_rel_vs_torch"] if "map_max_rel_vs_torch" in r else "-",
             "%.1e" % r["map_max_rel_vs_torch_same_precision"] if "map_max_rel_vs_torch" in r else "-"))
     print("map rel err: max |onnx - torch| / max |torch| over {} frames, torch with fp32 whitening; "
           "same-W: torch with the whitening rounded to the export's precision".format(len(test)))
     verdict = {}
+    anomalib_rss = rows[0].get("peak_rss_mb")
     for r in rows[1:]:
-        verdict[r["model"]] = {"latency_ratio_le_0.6": r["latency_ratio"] <= 0.6, "size_ratio_le_0.5": r["size_ratio"] <= 0.5,
-                               "parity_le_1e-4": r["map_max_rel_vs_torch"] <= 1e-4}
+        if r["model"] == "edgead int8":  # issue #13: int8 <= 0.35x anomalib's latency
+            verdict[r["model"]] = {"latency_ratio_le_0.35": r["latency_ratio"] <= 0.35}
+        else:  # issue #13: the default export <= 0.55x and peak RSS <= anomalib's
+            verdict[r["model"]] = {"latency_ratio_le_0.55": r["latency_ratio"] <= 0.55,
+                                   "size_ratio_le_0.5": r["size_ratio"] <= 0.5,
+                                   "parity_le_1e-4": r["map_max_rel_vs_torch"] <= 1e-4}
+        if "peak_rss_mb" in r and anomalib_rss:
+            verdict[r["model"]]["peak_rss_le_anomalib"] = r["peak_rss_mb"] <= anomalib_rss
         print("bar, {:<19}: ".format(r["model"]) + ", ".join(
             "{} {}".format(k, "PASS" if v else "FAIL") for k, v in verdict[r["model"]].items()))
     print("\nwhere the time goes (ORT profiling on, 20 runs: wall ms per run of each node kernel, summed by stage / op type):")
