@@ -17,14 +17,18 @@ def random_frames(n, hw=TINY_HW, seed=0):
     return np.stack([cv2.GaussianBlur(f, (5, 5), 1.5) for f in frames])
 
 
-def assert_fit_refused_in_one_line(result, message, out):
-    """A refused ``edgead fit``: exit 2, no traceback, exactly one ``edgead: error:`` line holding ``message``, and
-    nothing written at ``out``."""
-    import os
-
-    assert result.exit_code == 2 and "Traceback" not in result.stderr
+def assert_refused_in_one_line(result, message):
+    """A refused CLI command: exit 2, no traceback, exactly one ``edgead: error:`` line holding ``message``."""
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("edgead: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def assert_fit_refused_in_one_line(result, message, out):
+    """A refused ``edgead fit`` (``assert_refused_in_one_line``) that wrote nothing at ``out``."""
+    import os
+
+    assert_refused_in_one_line(result, message)
     assert not os.path.exists(out)
 
 

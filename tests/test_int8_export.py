@@ -25,7 +25,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TINY_HW, cli_runner, random_frames
+from conftest import TINY_HW, assert_refused_in_one_line, cli_runner, random_frames
 from edgead import packing
 from edgead.errors import ExportError
 from edgead.exporters import int8 as int8_lib
@@ -241,12 +241,6 @@ def saved_bundle(fp32_bundle, tmp_path_factory):
     return path
 
 
-def _one_line_error(result, text):
-    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("edgead: error:")]
-    assert len(lines) == 1 and text in lines[0], result.stderr
-
-
 @pytest.mark.parametrize("argv, text", [
     (["--precision", "int8"], "needs --calib"),
     (["--calib", "CALIB"], "goes with --precision int8"),
@@ -263,7 +257,7 @@ def test_cli_int8_bad_input_is_one_line_and_keeps_the_old_model(saved_bundle, ca
     before = out.read_bytes()
     argv = [{"CALIB": calib, "FEW": few, "MISSING": str(tmp_path / "MISSING")}.get(a, a) for a in argv]
     result = cli_runner().invoke(main, ["export", saved_bundle, "-o", str(out)] + argv)
-    _one_line_error(result, text)
+    assert_refused_in_one_line(result, text)
     assert out.read_bytes() == before and sorted(os.listdir(str(tmp_path))) == ["calib", "few", "model.onnx"]
 
 
