@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from edgead import packing
+from edgead.errors import DataError
 
 
 def _errors(candidate, reference):
@@ -56,6 +57,10 @@ def compare(bundle, model_paths, frames, backend_options=None):
     for path in model_paths:
         maps, scores, info = engine_outputs(path, frames, **backend_options)
         precision = ((info.get("model_info") or {}).get("export") or {}).get("precision", "fp32")
+        if precision == "int8":
+            raise DataError("{}: an int8 export carries statistics refitted on its int8 features, so the bundle's "
+                            "torch model is no reference for it; measure it with edgead eval (or "
+                            "benchmarks/int8_quality.py)".format(path))
         if precision == "fp16" and "torch fp16-stats" not in references:
             references["torch fp16-stats"] = torch_outputs(bundle, frames, "fp16")
         for name, (ref_maps, ref_scores) in references.items():

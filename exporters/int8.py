@@ -32,6 +32,8 @@ TARGETS = ("onnxruntime", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "percentile")
 #: fewest calibration images accepted (the refit needs several per dimension; fewer is refused, not guessed)
 MIN_CALIBRATION_IMAGES = 10
+#: images the percentile (histogram) calibration takes (it holds all their activations); the refit uses all
+PERCENTILE_MAX_IMAGES = 64
 #: ops quantised in the front end (the backbone's convolutions; everything else stays float)
 QUANTIZED_OPS = ("Conv",)
 
@@ -97,8 +99,11 @@ def quantize_front_end(front_end, frames, target="onnxruntime", calibration="min
     extra = {"WeightSymmetric": True, "ActivationSymmetric": symmetric, "CalibMaxIntermediateOutputs": merge_every,
              # TensorRT's Q/DQ layers take int8 only: the conv bias stays float there (its builder fuses it)
              "QuantizeBias": not symmetric}
+    extra["CalibTensorRangeSymmetric"] = symmetric  # percentile defaults to symmetric ranges: wrong for uint8
     if calibration == "percentile":
         extra["CalibPercentile"] = 99.999
+        # the histogram calibrator keeps every image's activations before binning: calibrate on a capped subset
+        frames = frames[:PERCENTILE_MAX_IMAGES]
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[calibration]
     with tempfile.TemporaryDirectory(prefix="edgead-int8-") as tmp:
         source, prepared, quantized = (os.path.join(tmp, name) for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
@@ -143,6 +148,7 @@ def refit_statistics(bundle, embed, frames, folds=DEFAULT_FOLDS, quantile=DEFAUL
     from edgead.fit import PadimFitter
 
     fitter = PadimFitter.for_features(bundle.config, bundle.backbone_state, embed, batch_size=batch_size)
+    fitter.check_calibration_memory(folds, len(frames))  # before the pass over the images, as fit does
     batches = [frames[i:i + batch_size] for i in range(0, len(frames), batch_size)]
     for batch in batches:
         fitter.update(batch)

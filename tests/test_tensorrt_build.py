@@ -480,6 +480,9 @@ def test_tensorrt_target_int8_export_builds_with_the_int8_flag(tmp_path, fake_tr
     assert [c[1] for c in builder_calls(trt, "set_flag")] == flags  # 11.x: strongly typed, Q/DQ carry the types
     built = _sidecar(str(tmp_path / "m.engine"))["tensorrt"]
     assert built["int8_explicit"] is True and built["int8"] is False and built["int8_calibration"] is None
+    from edgead.cli.build_cmd import describe_precision
+
+    assert describe_precision(built) == ("strongly typed (ONNX types)" if version.startswith("11") else "int8")
 
 
 def test_onnxruntime_target_int8_export_is_refused_before_tensorrt(tmp_path, fake_trt):

@@ -57,7 +57,8 @@ def describe_precision(built):
     """``fp32`` / ``fp32+tf32`` / ``fp16`` / ``int8+fp16`` ... or ``strongly typed (ONNX types)``."""
     if built.get("strongly_typed"):
         return "strongly typed (ONNX types)"
-    parts = [name for name in ("int8", "fp16") if built.get(name)]
+    parts = [name for name, on in (("int8", built.get("int8") or built.get("int8_explicit")),
+                                   ("fp16", built.get("fp16"))) if on]
     return "+".join(parts) if parts else ("fp32+tf32" if built.get("tf32") else "fp32")
 
 

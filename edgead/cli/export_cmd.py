@@ -62,7 +62,7 @@ def export(bundle_dir, out, mahalanobis, precision, calib, int8_target, int8_cal
                         "images) that calibrate the activations and refit the statistics")
     check_model_path(out, force)  # before loading anything
     # the statistics stay on disk and are streamed into the file block by block (never a whole copy in memory)
-    with load_bundle(bundle_dir, lazy_statistics=precision != "int8") as bundle:
+    with load_bundle(bundle_dir, lazy_statistics=True) as bundle:  # int8 refits: the old statistics are never read
         int8 = None
         if precision == "int8":
             int8 = Int8Options(_calibration_frames(calib, bundle), int8_target, int8_calibration)
