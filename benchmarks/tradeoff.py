@@ -457,43 +457,71 @@ def plot(rows, args, metric):
     timed = [r for r in rows if r.get("median_ms") is not None]
     backbones = list(dict.fromkeys(r["backbone"] for r in timed))
     cmap = plt.get_cmap("tab10")
-    colour = {b: cmap(i % 10) for i, b in enumerate(backbones)}
+    palette = [cmap(i) for i in (0, 1, 2, 3, 4, 5, 6, 9, 8)]  # tab10 without its grey
+    random_init = [b for b in backbones if b not in REAL_WEIGHTS]
+    colour = {b: palette[i % len(palette)] for i, b in enumerate(random_init)}
+    colour.update({b: "black" for b in backbones if b in REAL_WEIGHTS})  # the ones with a quality panel
     metric_name = {"pro": "PRO (AUPRO to FPR 0.3)", "pixel_auroc": "pixel AUROC", "image_auroc": "image AUROC"}[metric]
 
-    def series(axis, select, y_key, label_all):
-        for backbone in backbones:
-            for precision in MARKERS:
-                pts = sorted(((r["median_ms"], r[y_key], r["size"]) for r in timed
-                              if r["backbone"] == backbone and r["precision"] == precision and select(r)
-                              and r.get(y_key) is not None), key=lambda p: p[2])
-                if not pts:
-                    continue
-                axis.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colour[backbone], lw=0.7, alpha=0.5)
-                axis.scatter([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[precision], s=30,
-                             color=colour[backbone], edgecolors="black", linewidths=0.3, zorder=3)
-                for x, y, size in pts:
-                    if label_all or size in (max(p[2] for p in pts), min(p[2] for p in pts)):
-                        axis.annotate(str(size), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
-                                      color=colour[backbone])
+    def points(backbone, precision, y_key, select=lambda r: True):
+        return sorted(((r["median_ms"], r[y_key], r["size"]) for r in timed
+                       if r["backbone"] == backbone and r["precision"] == precision and select(r)
+                       and r.get(y_key) is not None), key=lambda p: p[2])
+
+    def markers(axis, pts, backbone, precision):
+        axis.scatter([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[precision], s=32,
+                     color=colour[backbone], edgecolors="black", linewidths=0.3, zorder=3)
+
+    # left: the backbones with real weights, one line per precision through the sizes, every point labelled
     lite = [b for b in backbones if b in REAL_WEIGHTS]
-    series(left, lambda r: r["backbone"] in REAL_WEIGHTS, metric, True)
+    for backbone in lite:
+        for precision in MARKERS:
+            pts = points(backbone, precision, metric)
+            if not pts:
+                continue
+            left.plot([p[0] for p in pts], [p[1] for p in pts], ls={"int8": "--"}.get(precision, "-"),
+                      color=colour[backbone], lw=0.8, alpha=0.6)
+            markers(left, pts, backbone, precision)
+            twin = precision == "fp32" and points(backbone, "fp16", metric)  # fp32 and fp16 score alike
+            for x, y, size in pts:
+                if not twin:
+                    left.annotate(str(size), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     left.set_xscale("log")
     left.set_xlabel("median latency, ms (log)")
     left.set_ylabel(metric_name + ", mean over the demo categories")
-    left.set_title("quality vs latency: {} (ImageNet weights), labels = input size".format(
+    left.set_title("quality vs latency: {} (ImageNet weights); labels = input size ρ".format(
         ", ".join(lite) or "no backbone with real weights"), fontsize=9)
-    series(middle, lambda r: True, "peak_rss_mb", False)
+
+    # middle / right: every model, markers only; one label per band (the size, and for files the precision)
+    def scatter_all(axis, y_key, band):
+        for backbone in backbones:
+            for precision in MARKERS:
+                pts = points(backbone, precision, y_key)
+                if pts:
+                    markers(axis, pts, backbone, precision)
+        bands = {}
+        for r in timed:
+            if r.get(y_key) is not None:
+                bands.setdefault(band(r), []).append((r["median_ms"], r[y_key]))
+        for label, pts in bands.items():
+            x, y = max(pts)
+            axis.annotate(label, (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7)
+        if bands:  # room for the labels right of the slowest model
+            xs = [x for pts in bands.values() for x, _ in pts]
+            axis.set_xlim(min(xs) / 1.15, max(xs) * 1.9)
+    scatter_all(middle, "peak_rss_mb", lambda r: "ρ {}".format(r["size"]))
     middle.set_xscale("log")
     middle.set_yscale("log")
     middle.set_xlabel("median latency, ms (log)")
     middle.set_ylabel("peak RSS of a fresh process, MB (log)")
-    middle.set_title("memory vs latency, every backbone (labels: largest / smallest size)", fontsize=9)
-    series(right, lambda r: True, "mbytes", False)
+    middle.set_title("memory vs latency, every model (bands: input size ρ)", fontsize=9)
+    scatter_all(right, "mbytes", lambda r: "ρ {} {}".format(r["size"], "fp32" if r["precision"] == "fp32"
+                                                            else "fp16/int8"))
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("median latency, ms (log)")
     right.set_ylabel("file size (.onnx + data), MB (log)")
-    right.set_title("file size vs latency, every backbone", fontsize=9)
+    right.set_title("file size vs latency, every model (bands: ρ and precision)", fontsize=9)
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
@@ -506,7 +534,7 @@ def plot(rows, args, metric):
                 which.set_minor_formatter(plain(limits[1] / limits[0] < 10))
         axis.tick_params(which="both", labelsize=7)
         axis.grid(True, which="major", lw=0.3, alpha=0.5)
-    handles = [Line2D([], [], color=colour[b], marker="o", ls="-", label=b) for b in backbones]
+    handles = [Line2D([], [], color=colour[b], marker="o", ls="", label=b) for b in backbones]
     handles += [Line2D([], [], color="grey", marker=m, ls="", label=p) for p, m in MARKERS.items()
                 if p in args.precision_list]
     right.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
