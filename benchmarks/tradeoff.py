@@ -389,7 +389,7 @@ def collect_rows(args, ctx, results):
                                peak_rss_mb=round(runtime["peak_rss_mb"], 1),
                                rss_after_session_mb=round(runtime["rss_after_session_mb"], 1),
                                load_s=round(runtime["load_s"], 3), others_cores=round(runtime["others_cores"], 2),
-                               export_s=round(runtime["export_s"], 1))
+                               export_s=round(runtime["export_s"], 1), edgead=runtime.get("edgead"))
             if real:
                 per_cat = {}
                 for category in args.category_list:
@@ -630,6 +630,7 @@ def main():
                "backbones": backbones, "precisions": args.precision_list, "categories": args.category_list,
                "demo_counts": counts or "edgead defaults (50 train, 16 good + 24 defective test per category)",
                "onnxruntime": _ort_version(), "cpu": cpu_name(), "edgead_commit": ctx["git"],
+               "measured_at_commits": sorted({r["edgead"] for r in rows if r.get("edgead")}),
                "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "wall_s": round(time.time() - start, 1),
                "max_others_cores": args.max_others, "random_init_note": RANDOM_NOTE,
                "quality": "mean over the categories; per category in quality_per_category. ONNX Runtime at batch 1 "
