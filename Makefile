@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgead-installed
 NVCC   ?= nvcc
 
-.PHONY: demo test install bench bench-quick bench-anomalib clean gpu-check
+.PHONY: demo test install bench bench-quick bench-anomalib bench-tradeoff clean gpu-check
 
 include cpp_bindings/Makefile.inc
 
@@ -53,6 +53,12 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/long_run_rss.py --quick --out bench_out/quick
 	$(PY) benchmarks/patchcore_coreset.py --quick --out bench_out/quick
 	$(PY) benchmarks/int8_quality.py --quick --out bench_out/quick
+	$(PY) benchmarks/tradeoff.py --quick --out bench_out/quick
+
+# alpha/rho trade-off: backbones x sizes x fp32/fp16/int8 (fresh-process latency, size, peak RSS, Lite0 quality;
+# 19-26 min, resumable from bench_out/tradeoff_cache)
+bench-tradeoff: $(STAMP)
+	$(PY) benchmarks/tradeoff.py --out bench_out
 
 # anomalib 2.7 lives in its own venv (shares torch/timm with .venv through a .pth file).
 # ORT_INCLUDE=<onnxruntime include dir> also builds libedgead_ort.so first, so the plugin flavour is timed too
