@@ -21,18 +21,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _report import cpu_name, pyplot, write_outputs  # noqa: E402
-from vs_anomalib import edgead_cli, peak_rss, time_interleaved  # noqa: E402
-
-
-def _session(path, threads, optimization="all"):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if optimization == "disable":
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+from vs_anomalib import _ort_version, _session, edgead_cli, peak_rss, time_interleaved  # noqa: E402
 
 
 def score_onnx(path, samples, input_hw, threads):
@@ -192,12 +181,6 @@ def _frames(paths, size):
     from edgead.data import ImageBatches
 
     return np.concatenate([f for f, _ in ImageBatches(paths, (size, size), batch_size=8)])
-
-
-def _ort_version():
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 def _plot(rows, latency, labels):
