@@ -52,6 +52,7 @@ def check_graph(model):
     problems = []
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
+    not_int8 = {}  # Q/DQ type -> node names: one line for all of them (an onnxruntime-target int8 export has dozens)
     for node in model.graph.node:
         domain = node.domain or ""
         if domain not in ("", "ai.onnx"):
@@ -69,8 +70,7 @@ def check_graph(model):
             quantized = zero if zero is not None else (
                 initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None)
             if quantized is not None and quantized.data_type != TensorProto.INT8:
-                problems.append("{}: {} of {}: TensorRT's explicit quantisation takes int8 only".format(
-                    node.name, node.op_type, TensorProto.DataType.Name(quantized.data_type).lower()))
+                not_int8.setdefault(TensorProto.DataType.Name(quantized.data_type).lower(), []).append(node.name)
             elif zero is not None and numpy_helper.to_array(zero).any():
                 problems.append("{}: {} zero point is not 0 (TensorRT takes symmetric int8)".format(
                     node.name, node.op_type))
@@ -90,6 +90,11 @@ def check_graph(model):
             attrs = {a.name: a for a in node.attribute}
             if "mode" in attrs and attrs["mode"].s.decode() != "constant":
                 problems.append("{}: only constant Pad is portable to TensorRT 8.5".format(node.name))
+    if not_int8:
+        names = [name for group in not_int8.values() for name in group]
+        problems.append("{} QuantizeLinear/DequantizeLinear nodes of {} (first: {}): TensorRT's explicit quantisation "
+                        "takes int8 only (export with --int8-target tensorrt)".format(
+                            len(names), ", ".join(sorted(not_int8)), names[0]))
     for graph_input in model.graph.input:
         if graph_input.type.tensor_type.elem_type == TensorProto.UINT8:
             consumers = [n for n in model.graph.node if graph_input.name in n.input]
