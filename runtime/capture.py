@@ -132,16 +132,22 @@ class CaptureThread(object):
             the stop event so ``stop()`` interrupts a backoff.
         on_error: ``"stop"`` (default) or ``"skip"``: what an unreadable frame (FrameError) does.
         warn: function(message) told about each skipped frame (default: ``log.warning``).
+        wakeup: a ``threading.Event`` set after every queued frame and at the end of the stream (a consumer
+            reading several CaptureThreads waits on one shared Event).
+        name: label for the thread and log lines (a camera name).
+        reconnect_attempts: ``None`` = retry for ever (a service on a production line).
     """
 
     def __init__(self, source, queue_size=4, drop=None, max_frames=None, reconnect_attempts=5, backoff=0.5,
-                 backoff_max=8.0, sleep=None, on_error="stop", warn=None):
+                 backoff_max=8.0, sleep=None, on_error="stop", warn=None, wakeup=None, name=None):
         if on_error not in ("skip", "stop"):
             raise ValueError("on_error must be 'skip' or 'stop'")
         self.source = source
         self.queue = FrameQueue(queue_size, source.live if drop is None else drop)
         self.max_frames = max_frames
-        self.reconnect_attempts = int(reconnect_attempts)
+        self.reconnect_attempts = None if reconnect_attempts is None else int(reconnect_attempts)
+        self.wakeup = wakeup
+        self.name = name
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
         self._stop = threading.Event()
@@ -157,6 +163,8 @@ class CaptureThread(object):
         self._failures = 0
         self.captured = 0
         self.reconnects = 0
+        #: True while a live source is being reopened (between its failure and the next frame)
+        self.reconnecting = False
         #: the most recent backoff waits (seconds), bounded for months-long runs
         self.backoff_waits = collections.deque(maxlen=256)
 
@@ -168,7 +176,8 @@ class CaptureThread(object):
         if not self._opened:
             self.source.open()
             self._opened = True
-        self._thread = threading.Thread(target=self._run, name="edgead-capture", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="edgead-capture" + (
+            "-" + self.name if self.name else ""), daemon=True)
         self._thread.start()
         return self
 
@@ -193,14 +202,20 @@ class CaptureThread(object):
                 if frame is None:
                     break
                 self._failures = 0
+                self.reconnecting = False
                 self.captured += 1
                 self.queue.put(frame)
+                if self.wakeup is not None:
+                    self.wakeup.set()
         except QueueClosed:
             pass
         except Exception as exc:  # never let the thread die silently
             self.error = SourceError("{}: capture failed: {}: {}".format(self.source.uri, type(exc).__name__, exc))
         finally:
+            self.reconnecting = False
             self.queue.finish()
+            if self.wakeup is not None:
+                self.wakeup.set()
             try:
                 self.source.close()
             except Exception:  # pragma: no cover - a driver failing at release must not mask the result
@@ -212,11 +227,12 @@ class CaptureThread(object):
         The attempt budget is shared by consecutive failures and only refilled by a frame actually
         read, so a device that reopens fine but never delivers still ends after ``reconnect_attempts``.
         """
-        while self._failures < self.reconnect_attempts:
+        self.reconnecting = True
+        while self.reconnect_attempts is None or self._failures < self.reconnect_attempts:
             self._failures += 1
-            delay = min(self.backoff * 2.0 ** (self._failures - 1), self.backoff_max)
-            log.warning("%s: %s; reconnect attempt %d/%d in %.2f s", self.source.uri, exc, self._failures,
-                        self.reconnect_attempts, delay)
+            delay = min(self.backoff * 2.0 ** min(self._failures - 1, 30), self.backoff_max)
+            log.warning("%s: %s; reconnect attempt %d/%s in %.2f s", self.source.uri, exc, self._failures,
+                        "inf" if self.reconnect_attempts is None else self.reconnect_attempts, delay)
             self.backoff_waits.append(delay)
             self._sleep(delay)
             if self._stop.is_set():

@@ -4,6 +4,8 @@ Report dict (``build_report``), all times in milliseconds::
 
     {"edgead_version", "created" (UTC ISO 8601), "model", "source", "live",
      "frames", "skipped", "dropped", "reconnects", "invalid_scores", "batch_size", "mean_batch", "wall_s", "fps",
+     "anomalies", "cameras": {name: {"source", "frames", "anomalies", "invalid_scores", "dropped", "skipped",
+                                     "reconnects", "ended", "error", "fps", "latency": {"count", "p50", ...}}},
      "stages": {stage: {"count", "mean", "p50", "p90", "p99", "max", "min"}},
      "backend": engine.info(), "device": device_info()}
 
@@ -240,13 +242,29 @@ def build_report(stats, backend_info=None, model=None, source=None, live=None, e
         "mean_batch": stats.get("mean_batch"),
         "wall_s": wall,
         "fps": frames / wall if wall > 0 else None,
+        "anomalies": int(stats.get("anomalies", 0)),
         "stages": {name: stage_stats(timings[name]) for name in _ordered(timings)},
+        "cameras": camera_reports(stats.get("cameras") or {}, wall),
         "backend": backend_info,
         "device": device_info(),
     }
     if extra:
         report.update(extra)
     return report
+
+
+def camera_reports(cameras, wall_s):
+    """``Pipeline.stats()["cameras"]`` -> {name: {"source", "frames", "anomalies", "invalid_scores", "dropped",
+    "skipped", "reconnects", "ended", "error", "fps", "latency": stage_stats (ms)}} (``fps``: frames / the run's
+    wall time)."""
+    out = collections.OrderedDict()
+    for name, cam in cameras.items():
+        entry = {key: cam.get(key) for key in ("source", "frames", "anomalies", "invalid_scores", "dropped",
+                                              "skipped", "reconnects", "ended", "error")}
+        entry["fps"] = cam.get("frames", 0) / wall_s if wall_s > 0 else None
+        entry["latency"] = stage_stats(cam.get("latency") or [])
+        out[name] = entry
+    return out
 
 
 def jsonable(value):
@@ -303,6 +321,19 @@ def format_table(report):
         report.get("batch_size"), report["wall_s"], "-" if fps is None else "{:.1f}".format(fps)))
     if report.get("invalid_scores"):
         lines.append("invalid (NaN/inf) scores {}".format(report["invalid_scores"]))
+    cameras = report.get("cameras") or {}
+    if len(cameras) > 1:
+        head = "{:<12}{:>8}{:>8}{:>9}{:>9}{:>11}{:>9}{:>9}  {}".format(
+            "camera", "frames", "FPS", "dropped", "reconn.", "anomalies", "p50 ms", "p99 ms", "source")
+        lines.extend(["", head, "-" * len(head)])
+        for name, cam in cameras.items():
+            lat = cam.get("latency") or {}
+            lines.append("{:<12}{:>8}{:>8}{:>9}{:>9}{:>11}{}{}  {}{}".format(
+                name[:12], cam.get("frames", 0), "-" if cam.get("fps") is None else "{:.1f}".format(cam["fps"]),
+                cam.get("dropped", 0), cam.get("reconnects", 0), cam.get("anomalies", 0), _fmt(lat.get("p50")),
+                _fmt(lat.get("p99")), cam.get("source") or "", "  (ended: {})".format(cam["error"])
+                if cam.get("error") else ""))
+        lines.append("")
     backend = report.get("backend") or {}
     if backend:
         lines.append("backend {}  providers {}  {}".format(

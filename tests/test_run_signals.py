@@ -152,9 +152,9 @@ def test_handlers_installed_only_during_the_command_and_restored(model, tmp_path
     seen_inside = {}
     original = run_cmd._frame_line
 
-    def spy(result, latency_ms, as_json):
+    def spy(result, latency_ms, as_json, *rest):
         seen_inside[result.index] = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-        return original(result, latency_ms, as_json)
+        return original(result, latency_ms, as_json, *rest)
 
     def custom(signum, frame):  # pragma: no cover - never called
         pass

@@ -139,11 +139,11 @@ def test_ctrl_c_finishes_video_and_report(model, tmp_path, monkeypatch):
     original = run_cmd._frame_line
     seen = []
 
-    def interrupt_on_third(result, latency_ms, as_json):
+    def interrupt_on_third(result, latency_ms, as_json, *rest):
         seen.append(result.index)
         if len(seen) == 3:
             raise KeyboardInterrupt
-        return original(result, latency_ms, as_json)
+        return original(result, latency_ms, as_json, *rest)
 
     monkeypatch.setattr(run_cmd, "_frame_line", interrupt_on_third)
     video, rep = tmp_path / "live.mp4", tmp_path / "live.json"

@@ -12,6 +12,7 @@ renamed into place, the report written and the table printed; the exit code is 1
 """
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -230,13 +231,15 @@ def _show(result, window="edgead"):
     return key in (ord("q"), 27)
 
 
-def _frame_line(result, latency_ms, as_json):
-    """One line per frame: strict JSON (NaN/inf score -> ``"score": null, "invalid_score": true``) or text."""
+def _frame_line(result, latency_ms, as_json, with_camera=False):
+    """One line per frame: strict JSON (NaN/inf score -> ``"score": null, "invalid_score": true``) or text;
+    ``with_camera``: the camera name first (several cameras)."""
     finite = math.isfinite(result.score)
     if as_json:
         from edgead.runtime.report import dumps
 
-        line = {"frame": result.index, "name": result.name, "score": round(result.score, 6) if finite else None}
+        line = {"camera": result.camera} if with_camera else {}
+        line.update({"frame": result.index, "name": result.name, "score": round(result.score, 6) if finite else None})
         if not finite:
             line["invalid_score"] = True
         line.update({"anomalous": result.anomalous,
@@ -245,81 +248,305 @@ def _frame_line(result, latency_ms, as_json):
                      "latency_ms": round(latency_ms, 3)})
         return dumps(line)
     verdict = {True: "ANOMALY", False: "ok", None: "-"}[result.anomalous] if finite else "INVALID"
-    return "frame {:6d}  {}score {:10.4f}  {:<7}  boxes {:2d}  latency {:7.2f} ms".format(
-        result.index, (result.name + "  ") if result.name else "", result.score, verdict, len(result.boxes),
+    return "{}frame {:6d}  {}score {:10.4f}  {:<7}  boxes {:2d}  latency {:7.2f} ms".format(
+        "{:<8} ".format(result.camera) if with_camera else "", result.index, (result.name + "  ") if result.name else "", result.score, verdict, len(result.boxes),
         latency_ms)
+
+
+#: ``--source NAME=URI``: a camera name is letters, digits, ``_ . -`` (the part before ``=`` of a URI has ``:``/``/``)
+_CAMERA_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_camera(text):
+    """``--source`` value -> (name or None, URI): ``left=rtsp://cam1/stream`` names the camera ``left``."""
+    name, sep, uri = text.partition("=")
+    if sep and uri and _CAMERA_NAME.match(name):
+        return name, uri
+    return None, text
+
+
+def load_cameras_file(path):
+    """``--cameras FILE`` (JSON) -> [(name, URI)]. Format: ``{"cameras": [{"name": "left", "source":
+    "rtsp://..."}, ...]}`` (or the bare list); ``name`` optional. Raises ConfigError naming the file."""
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError("{}: cannot read the cameras file ({})".format(path, exc.strerror or exc))
+    except ValueError as exc:
+        raise ConfigError("{}: not valid JSON ({})".format(path, str(exc).splitlines()[0]))
+    cameras = data.get("cameras") if isinstance(data, dict) else data
+    if not isinstance(cameras, list) or not cameras:
+        raise ConfigError('{}: expected {{"cameras": [{{"name": "left", "source": "rtsp://..."}}, ...]}}'.format(path))
+    found = []
+    for i, entry in enumerate(cameras):
+        if isinstance(entry, str):
+            entry = {"source": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str) or not entry["source"]:
+            raise ConfigError("{}: cameras[{}] needs a \"source\" string".format(path, i))
+        unknown = sorted(set(entry) - {"name", "source"})
+        if unknown:
+            raise ConfigError("{}: cameras[{}]: unknown key {!r} (name, source)".format(path, i, unknown[0]))
+        name = entry.get("name")
+        if name is not None and (not isinstance(name, str) or not _CAMERA_NAME.match(name)):
+            raise ConfigError("{}: cameras[{}]: name {!r} must be 1-64 letters, digits, '_', '.' or '-'".format(
+                path, i, name))
+        found.append((name, entry["source"]))
+    return found
+
+
+def camera_list(source_args, cameras_file):
+    """[(name, URI)] from ``--source`` values and ``--cameras FILE``, with default names (the only camera:
+    ``cam0``; several: ``cam0``, ``cam1``, ... by position) and the names checked distinct."""
+    cameras = [parse_camera(text) for text in source_args]
+    if cameras_file:
+        cameras.extend(load_cameras_file(cameras_file))
+    if not cameras:
+        raise ConfigError("no source: pass --source URI (several for several cameras) or --cameras FILE")
+    named = []
+    for i, (name, uri) in enumerate(cameras):
+        named.append((name or "cam{}".format(i), uri))
+    seen = set()
+    for name, _ in named:
+        if name in seen:
+            raise ConfigError("camera name {!r} is used twice (name them with --source NAME=URI)".format(name))
+        seen.add(name)
+    return named
+
+
+def _camera_save_path(save, camera, several):
+    """--save for one camera: itself with one camera; with several, ``out-<camera>.mp4`` / ``out/<camera>/``."""
+    if not several:
+        return save
+    stem, ext = os.path.splitext(save.rstrip("/" + os.sep))
+    from edgead.output_paths import VIDEO_OUTPUT_EXTENSIONS as videos
+
+    if ext.lower() in videos:
+        return "{}-{}{}".format(stem, camera, ext)
+    return os.path.join(save, camera)
+
+
+def _reconnect_attempts(text):
+    if text.strip().lower() in ("forever", "inf", "infinite"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError("--reconnect-attempts {}: a number >= 0 or 'forever'".format(text))
+    return value
 
 
 @click.command("run")
 @click.argument("model", type=click.Path())
-@click.option("--source", "-s", "source_uri", required=True,
+@click.option("--source", "-s", "source_args", multiple=True,
               help="csi://0, /dev/video0 (or 0), v4l2:///dev/video0, rtsp://..., clip.mp4, images/ or "
-                   "'imgs/*.png', synthetic://?defect=5")
+                   "'imgs/*.png', synthetic://?defect=5. Repeat for several cameras (one capture thread each, "
+                   "frames batched into one inference call); NAME=URI names a camera (default cam0, cam1, ...).")
+@click.option("--cameras", "cameras_file", type=click.Path(), default=None,
+              help='JSON file of cameras: {"cameras": [{"name": "left", "source": "rtsp://..."}, ...]} (adds to '
+                   "--source).")
 @click.option("--save", type=click.Path(), default=None,
               help="Annotated output: a video (.mp4/.avi/.mkv/.mov/.m4v, mp4v) or a folder of PNGs (source "
-                   "sub-folders mirrored; never the source folder).")
+                   "sub-folders mirrored; never the source folder). Several cameras: out-<camera>.mp4 or "
+                   "out/<camera>/.")
 @click.option("--show", is_flag=True, help="Display annotated frames (q or Esc quits). Needs OpenCV with GUI.")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the latency report JSON here.")
 @_backend_options
-@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after N frames processed.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+              help="Stop after N frames processed (all cameras together).")
 @click.option("--on-error", type=click.Choice(["skip", "stop"]), default="skip", show_default=True,
               help="An unreadable image: skip it with a warning (counted in the report), or stop the run (the "
                    "video and report so far are kept; exit code 2).")
+@click.option("--reconnect-attempts", default="5", show_default=True,
+              help="Reopen attempts of a live camera that failed, with backoff 0.5 s doubling to 8 s (the budget "
+                   "refills at each frame read); 'forever' for a service.")
+@click.option("--mqtt", "mqtt_url", default=None,
+              help="Publish one JSON event per anomalous frame to mqtt://[user:pass@]host[:port]/topic (QoS 1, "
+                   "reconnects with backoff, bounded local queue while the broker is away). Needs edgead[line].")
+@click.option("--mqtt-queue", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Events kept while the broker is unreachable (the oldest are dropped, and counted, beyond).")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Serve Prometheus metrics on this port (/metrics): stage latency histograms, FPS, drops, "
+                   "reconnects, anomalies, model identity. Needs edgead[line].")
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True, help="Address the metrics server binds.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No line per frame (for services): a summary line on stderr every --log-every seconds.")
+@click.option("--log-every", type=click.FloatRange(min=0), default=None,
+              help="Seconds between summary lines on stderr (default: 60 with --quiet, else none).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines per frame, then {\"report\": ...}.")
-def run(model, source_uri, save, show, report_path, backend, providers, threads, batch_size, queue_size, open_timeout,
-        force, max_frames, on_error, as_json):
-    """Stream frames from --source through MODEL (.onnx or .engine): scores, heatmaps, boxes, report.
+def run(model, source_args, cameras_file, save, show, report_path, backend, providers, threads, batch_size,
+        queue_size, open_timeout, force, max_frames, on_error, reconnect_attempts, mqtt_url, mqtt_queue,
+        metrics_port, metrics_addr, quiet, log_every, as_json):
+    """Stream frames from --source (one or several cameras) through MODEL (.onnx or .engine): scores, heatmaps,
+    boxes, report; optionally events to MQTT and metrics for Prometheus.
 
     \b
     Example:
       edgead run bottle.onnx --source csi://0 --show
       edgead run bottle.onnx --source /dev/video0 --save out.mp4 --max-frames 300
       edgead run bottle.engine --source 'test/*.png' --save overlays/ --report run.json --json
+      edgead run bottle.engine --source left=rtsp://cam1/s --source right=rtsp://cam2/s --batch 2 \\
+          --mqtt mqtt://broker:1883/plant/line3 --metrics-port 9108 --quiet --reconnect-attempts forever
     """
     from edgead import output_paths
 
-    files, root, recursive = _source_files(source_uri)
-    output_paths.check_outputs(model=model, report=report_path, force=force, source_files=files)
-    plan = None
+    cameras = camera_list(source_args, cameras_file)
+    attempts = _reconnect_attempts(reconnect_attempts)
+    line = {"mqtt": mqtt_url, "mqtt_queue": mqtt_queue, "metrics_port": metrics_port, "metrics_addr": metrics_addr,
+            "quiet": quiet, "log_every": log_every if log_every is not None else (60.0 if quiet else 0.0),
+            "reconnect_attempts": attempts}
+    if mqtt_url:
+        from edgead.runtime.mqtt_events import parse_mqtt_url
+
+        parse_mqtt_url(mqtt_url)  # a bad URL fails before the model loads
+    all_files = []
+    per_camera = []
+    for _, uri in cameras:
+        files, root, recursive = _source_files(uri)
+        all_files.extend(files)
+        per_camera.append((files, root, recursive))
+    output_paths.check_outputs(model=model, report=report_path, force=force, source_files=all_files)
+    plans = {}
     if save:
-        plan = output_paths.check_save(save, force, model=model, report=report_path, source_files=files,
-                                       source_root=root, recursive=recursive)
+        several = len(cameras) > 1
+        for (name, _), (files, root, recursive) in zip(cameras, per_camera):
+            plans[name] = output_paths.check_save(_camera_save_path(save, name, several), force, model=model,
+                                                  report=report_path, source_files=files, source_root=root,
+                                                  recursive=recursive)
+        for src in all_files if several else ():
+            if output_paths.is_within(src, save):
+                raise ConfigError("{}: --save folder contains the source images (e.g. {}); choose a folder "
+                                  "outside them".format(save, src))
     with _StopSignals() as stop:
         try:
-            _run(stop, model, source_uri, plan, show, report_path, backend, providers, threads, batch_size,
-                 queue_size, open_timeout, force, max_frames, on_error, as_json)
+            _run(stop, model, cameras, plans, show, report_path, backend, providers, threads, batch_size,
+                 queue_size, open_timeout, force, max_frames, on_error, as_json, line)
         except Interrupted as exc:  # before the frame loop (loading the model) or a second signal
             click.echo("edgead: interrupted ({})".format(exc), err=True)
             raise click.exceptions.Exit(stop.exit_code(exc))
 
 
-def _run(stop, model, source_uri, plan, show, report_path, backend, providers, threads, batch_size, queue_size,
-         open_timeout, force, max_frames, on_error, as_json):
+class _LineOutputs(object):
+    """The production-line side of a run: MQTT events and the Prometheus endpoint (each optional)."""
+
+    def __init__(self, line, model, engine, cameras):
+        self.publisher = None
+        self.metrics = None
+        self.builder = None
+        self.pipeline = None
+        if not (line["mqtt"] or line["metrics_port"] is not None):
+            return
+        from edgead.runtime import events
+
+        info = engine.model_info
+        identity = events.model_identity(model, info, (engine.info() or {}).get("backend"))
+        if line["mqtt"]:
+            from edgead.runtime.mqtt_events import MqttPublisher
+
+            self.builder = events.EventBuilder(identity, info, dict(cameras))
+            self.publisher = MqttPublisher(line["mqtt"], queue_size=line["mqtt_queue"], warn=_warn)
+            self.publisher.start()
+        if line["metrics_port"] is not None:
+            from edgead.runtime.metrics import MetricsServer
+
+            self.metrics = MetricsServer(line["metrics_port"], self.live_stats, identity, addr=line["metrics_addr"])
+            try:
+                self.metrics.start()
+            except Exception:
+                self.close()
+                raise
+            click.echo("edgead: Prometheus metrics on http://{}:{}/metrics".format(
+                line["metrics_addr"], self.metrics.port), err=True)
+
+    @property
+    def on_timing(self):
+        return self.metrics.observe if self.metrics is not None else None
+
+    def live_stats(self):
+        """Pipeline.stats() plus the MQTT publisher's counters (called by a metrics scrape)."""
+        stats = dict(self.pipeline.stats()) if self.pipeline is not None else {"cameras": {}}
+        stats["mqtt"] = self.publisher.stats() if self.publisher is not None else None
+        return stats
+
+    def result(self, result):
+        if self.publisher is not None and result.anomalous:
+            self.publisher.publish(self.builder.event(result))
+
+    def close(self):
+        """Flush MQTT (bounded wait) and stop the metrics server; returns the MQTT stats (or None)."""
+        mqtt = None
+        if self.publisher is not None:
+            self.publisher.close(timeout=5.0)
+            mqtt = self.publisher.stats()
+        if self.metrics is not None:
+            self.metrics.close()
+        return mqtt
+
+
+def _summary_line(pipeline, line_outputs, since, frames_before):
+    """One line for the journal: totals, FPS since the previous line, p99 latency, drops, MQTT queue."""
+    stats = pipeline.stats()
+    elapsed = max(time.perf_counter() - since, 1e-9)
+    fps = (stats["frames"] - frames_before) / elapsed
+    latency = stats["timings"].get("latency")
+    p99 = latency.quantile(0.99) * 1000.0 if latency is not None and latency.count else float("nan")
+    text = "edgead: {} frames ({:.1f} fps), {} anomalous, dropped {}, reconnects {}, p99 latency {:.1f} ms".format(
+        stats["frames"], fps, stats["anomalies"], stats["dropped"], stats["reconnects"], p99)
+    down = [name for name, cam in stats["cameras"].items() if not cam["connected"] and not cam["ended"]]
+    if down:
+        text += ", reconnecting: " + ",".join(down)
+    if line_outputs.publisher is not None:
+        mqtt = line_outputs.publisher.stats()
+        text += "; mqtt {}, queued {}, dropped {}".format("up" if mqtt["connected"] else "DOWN", mqtt["queued"],
+                                                         mqtt["dropped"])
+    return text
+
+
+def _run(stop, model, cameras, plans, show, report_path, backend, providers, threads, batch_size, queue_size,
+         open_timeout, force, max_frames, on_error, as_json, line):
     from edgead.runtime import report as rpt
     from edgead.runtime import sources
     from edgead.runtime.pipeline import Pipeline
 
-    save = plan.path if plan is not None else None
+    several = len(cameras) > 1
     engine = _open_engine(model, backend, providers, threads)
     with engine:
         _print_model_summary(model, engine.model_info)
-        source = sources.make_source(source_uri, size=engine.input_shape[1:3], open_timeout=open_timeout)
-        pipeline = Pipeline(engine, source, batch_size=batch_size, queue_size=queue_size, max_frames=max_frames,
-                            annotate=bool(save or show), on_error=on_error, warn=_warn)
-        output = _Output(plan, source, force) if plan is not None else None
+        srcs = [sources.make_source(uri, size=engine.input_shape[1:3], open_timeout=open_timeout)
+                for _, uri in cameras]
+        line_outputs = _LineOutputs(line, model, engine, cameras)
+        pipeline = Pipeline(engine, srcs, batch_size=batch_size, queue_size=queue_size, max_frames=max_frames,
+                            annotate=bool(plans or show), on_error=on_error, warn=_warn,
+                            names=[name for name, _ in cameras], on_timing=line_outputs.on_timing,
+                            reconnect_attempts=line["reconnect_attempts"])
+        line_outputs.pipeline = pipeline
+        outputs = {name: _Output(plans[name], src, force) for (name, _), src in zip(cameras, srcs) if name in plans}
         interrupted = None
         lost = None
+        mqtt_stats = None
         results = pipeline.run()
         stop.target = pipeline
+        log_every = line["log_every"]
+        last_log, frames_logged = time.perf_counter(), 0
         try:
             for result in results:
                 t0 = time.perf_counter()
+                output = outputs.get(result.camera)
                 if output is not None:
                     output.write(result)
-                quit_now = _show(result) if show else False
-                if save or show:
+                quit_now = _show(result, "edgead " + result.camera if several else "edgead") if show else False
+                if outputs or show:
                     pipeline.record("output", time.perf_counter() - t0)
-                click.echo(_frame_line(result, result.latency * 1000.0, as_json))
+                line_outputs.result(result)
+                if not line["quiet"]:
+                    click.echo(_frame_line(result, result.latency * 1000.0, as_json, several))
+                if log_every and t0 - last_log >= log_every:
+                    click.echo(_summary_line(pipeline, line_outputs, last_log, frames_logged), err=True)
+                    last_log, frames_logged = t0, pipeline.frames
                 if quit_now:
                     break
         except KeyboardInterrupt as exc:
@@ -330,25 +557,37 @@ def _run(stop, model, source_uri, plan, show, report_path, backend, providers, t
             stop.holding = True  # finalise undisturbed: a second signal is only recorded now
             stop.target = None
             results.close()
-            if output is not None:
+            for output in outputs.values():
                 output.close()
             if show:
                 _close_windows()
+            mqtt_stats = line_outputs.close()
         if interrupted is None:
             interrupted = stop.signum  # stopped by a signal (pipeline.request_stop) or one during finalising
-        report = rpt.build_report(pipeline.stats(), engine.info(), model=model, source=source_uri,
-                                  live=source.live, extra={
-                                      "saved": save, "interrupted": interrupted is not None,
-                                      "signal": _signal_name(interrupted) if interrupted is not None else None,
-                                      "error": str(lost) if lost else None})
+        extra = {"saved": (plans[cameras[0][0]].path if not several else
+                           {name: plan.path for name, plan in plans.items()}) if plans else None,
+                 "interrupted": interrupted is not None,
+                 "signal": _signal_name(interrupted) if interrupted is not None else None,
+                 "error": str(lost) if lost else None}
+        if mqtt_stats is not None:
+            extra["mqtt"] = mqtt_stats
+        if line["metrics_port"] is not None:
+            extra["metrics_port"] = line_outputs.metrics.port
+        report = rpt.build_report(pipeline.stats(), engine.info(), model=model,
+                                  source=cameras[0][1] if not several else [uri for _, uri in cameras],
+                                  live=pipeline.live, extra=extra)
     if report_path:
         rpt.write_json(report_path, report)
     if as_json:
         click.echo(rpt.dumps({"report": report}))
     else:
         click.echo(rpt.format_table(report))
-        if output is not None:
-            click.echo("wrote {} frame(s) to {}".format(output.written, save))
+        if mqtt_stats is not None:
+            click.echo("mqtt {}: {} published, {} acknowledged, {} still queued, {} dropped, {} reconnects".format(
+                mqtt_stats.get("url"), mqtt_stats.get("published"), mqtt_stats.get("acknowledged"),
+                mqtt_stats.get("queued"), mqtt_stats.get("dropped"), mqtt_stats.get("reconnects")))
+        for output in outputs.values():
+            click.echo("wrote {} frame(s) to {}".format(output.written, output.target))
     if lost is not None:
         raise lost
     if interrupted is not None:
