@@ -400,9 +400,9 @@ def run(model, source_args, cameras_file, save, show, report_path, backend, prov
             "quiet": quiet, "log_every": log_every if log_every is not None else (60.0 if quiet else 0.0),
             "reconnect_attempts": attempts}
     if mqtt_url:
-        from edgead.runtime.mqtt_events import parse_mqtt_url
-
-        parse_mqtt_url(mqtt_url)  # a bad URL fails before the model loads
+        _line_module("mqtt_events", "--mqtt", "paho-mqtt").parse_mqtt_url(mqtt_url)  # fails before the model loads
+    if metrics_port is not None:
+        _line_module("metrics", "--metrics-port", "prometheus-client")
     all_files = []
     per_camera = []
     for _, uri in cameras:
@@ -430,6 +430,16 @@ def run(model, source_args, cameras_file, save, show, report_path, backend, prov
             raise click.exceptions.Exit(stop.exit_code(exc))
 
 
+def _line_module(name, option, package):
+    """``edgead.runtime.<name>``, or a one-line ConfigError when its optional dependency is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module("edgead.runtime." + name)
+    except ImportError as exc:
+        raise ConfigError("{} needs {} ({}): pip install 'edgead[line]'".format(option, package, exc))
+
+
 class _LineOutputs(object):
     """The production-line side of a run: MQTT events and the Prometheus endpoint (each optional)."""
 
@@ -445,15 +455,12 @@ class _LineOutputs(object):
         info = engine.model_info
         identity = events.model_identity(model, info, (engine.info() or {}).get("backend"))
         if line["mqtt"]:
-            from edgead.runtime.mqtt_events import MqttPublisher
-
             self.builder = events.EventBuilder(identity, info, dict(cameras))
-            self.publisher = MqttPublisher(line["mqtt"], queue_size=line["mqtt_queue"], warn=_warn)
+            self.publisher = _line_module("mqtt_events", "--mqtt", "paho-mqtt").MqttPublisher(line["mqtt"], queue_size=line["mqtt_queue"], warn=_warn)
             self.publisher.start()
         if line["metrics_port"] is not None:
-            from edgead.runtime.metrics import MetricsServer
-
-            self.metrics = MetricsServer(line["metrics_port"], self.live_stats, identity, addr=line["metrics_addr"])
+            server = _line_module("metrics", "--metrics-port", "prometheus-client").MetricsServer
+            self.metrics = server(line["metrics_port"], self.live_stats, identity, addr=line["metrics_addr"])
             try:
                 self.metrics.start()
             except Exception:
