@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/long_run_rss.py --out bench_out
 	$(PY) benchmarks/patchcore_coreset.py --out bench_out
 	$(PY) benchmarks/int8_quality.py --tensorrt --out bench_out
+	$(PY) benchmarks/multicam.py --out bench_out
+	$(PY) benchmarks/mqtt_outage.py --out bench_out
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/fit_scaling.py --quick --out bench_out/quick
@@ -54,6 +56,8 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/patchcore_coreset.py --quick --out bench_out/quick
 	$(PY) benchmarks/int8_quality.py --quick --out bench_out/quick
 	$(PY) benchmarks/tradeoff.py --quick --out bench_out/quick
+	$(PY) benchmarks/multicam.py --quick --out bench_out/quick
+	$(PY) benchmarks/mqtt_outage.py --quick --out bench_out/quick
 
 # alpha/rho trade-off: backbones x sizes x fp32/fp16/int8 (fresh-process latency, size, peak RSS, Lite0 quality;
 # 19-26 min, resumable from bench_out/tradeoff_cache)

@@ -23,6 +23,8 @@ from edgead.errors import BackendError, ConfigError, EdgeadError, SourceError
 from edgead.output_paths import VIDEO_OUTPUT_EXTENSIONS  # noqa: F401 (re-exported)
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+#: longest wait between MQTT reconnect attempts: a broker back after an outage gets events within ~5 s
+MQTT_BACKOFF_MAX_S = 5.0
 
 
 def _signal_name(signum):
@@ -456,7 +458,8 @@ class _LineOutputs(object):
         identity = events.model_identity(model, info, (engine.info() or {}).get("backend"))
         if line["mqtt"]:
             self.builder = events.EventBuilder(identity, info, dict(cameras))
-            self.publisher = _line_module("mqtt_events", "--mqtt", "paho-mqtt").MqttPublisher(line["mqtt"], queue_size=line["mqtt_queue"], warn=_warn)
+            self.publisher = _line_module("mqtt_events", "--mqtt", "paho-mqtt").MqttPublisher(
+                line["mqtt"], queue_size=line["mqtt_queue"], backoff_max=MQTT_BACKOFF_MAX_S, warn=_warn)
             self.publisher.start()
         if line["metrics_port"] is not None:
             server = _line_module("metrics", "--metrics-port", "prometheus-client").MetricsServer
