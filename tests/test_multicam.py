@@ -71,17 +71,6 @@ def test_finite_cameras_batched_and_routed_back(models, batch_model, batch_size)
     assert all(cam["ended"] and cam["latency"].count == counts[name] for name, cam in stats["cameras"].items())
 
 
-def test_first_batches_mix_the_cameras(models):
-    """Round robin: with 3 cameras and batch 3 every full batch holds one frame of each camera."""
-    engine = RecordingEngine(OrtEngine(models["dynamic"]))
-    sources = [make_source("synthetic://?width=64&height=64&frames=4&seed={}".format(k)) for k in range(3)]
-    pipe = pl.Pipeline(engine, sources, batch_size=3, names=["x", "y", "z"])
-    results = list(pipe.run())
-    cams = [r.camera for r in results]
-    for start in range(0, 12, 3):
-        assert sorted(cams[start:start + 3]) == ["x", "y", "z"]
-
-
 class LiveCounter(Source):
     """A live camera delivering frames as fast as asked, each a flat image of value ``level``."""
 
